@@ -1,0 +1,217 @@
+"""Attention JVP on one GPU: scaled.attention's Triton kernel against its peers.
+
+Candidates, all in bf16 under torch.no_grad, same inputs:
+  sdpa_fwd  plain fused SDPA forward (no tangent): the floor
+  ours      torch.func.jvp(scaled.attention.attention, ...)  (the Triton (o, t_o) kernel)
+  jfa       torch.func.jvp(jvp_flash_attention's JVPAttn.fwd_dual, ...)  (optional package)
+  math      torch.func.jvp(SDPA, ...) with the math backend (materializes L x L)
+FLOPs: "fwd TFLOP/s" is 4 B H L^2 D (the two matrix products of a forward) over the time,
+the same numerator for every candidate, so it is an inverse time; the JVP kernel itself does
+3x that in matrix products (q k^T, t_q k^T + q t_k^T, p v, p t_v, (p t_s) v = 12 B H L^2 D).
+Memory: peak bytes allocated during the call beyond the inputs already resident.
+
+  python benchmarks/attention_jvp.py --out benchmarks/attention_jvp_h100.json
+  python benchmarks/attention_jvp.py --sweep   # block-size sweep of the kernel
+  python benchmarks/attention_jvp.py --check   # per-dtype errors against float64
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from scaled import attention as A  # noqa: E402
+
+try:
+    from jvp_flash_attention.jvp_attention import JVPAttn
+except ImportError:
+    JVPAttn = None
+
+import triton  # noqa: E402
+
+
+def make_inputs(B, H, L, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g) for _ in range(6)]
+
+
+def candidates(q, k, v, t_q, t_k, t_v):
+    fns = {
+        "sdpa_fwd": lambda: F.scaled_dot_product_attention(q, k, v),
+        "ours": lambda: torch.func.jvp(A.attention, (q, k, v), (t_q, t_k, t_v)),
+        "ours_raw": lambda: A.attention_jvp_triton(q, k, v, t_q, t_k, t_v),
+    }
+    if JVPAttn is not None:
+        fns["jfa"] = lambda: torch.func.jvp(JVPAttn.fwd_dual, (q, k, v), (t_q, t_k, t_v))
+
+    def math():
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (t_q, t_k, t_v))
+    fns["math"] = math
+    return fns
+
+
+def measure(fn):
+    """(median ms, extra peak MB) or (None, 'OOM')."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, "OOM"
+    return ms, peak
+
+
+def reference_t_o(q, k, v, t_q, t_k, t_v, n):
+    """fp32 math-path JVP on the first n (batch*head) slices."""
+    xs = [x.flatten(0, 1)[:n].unsqueeze(0).float() for x in (q, k, v, t_q, t_k, t_v)]
+    return torch.func.jvp(A.attention_math, tuple(xs[:3]), tuple(xs[3:]))[1]
+
+
+def rel(x, ref, n):
+    x = x.flatten(0, 1)[:n].unsqueeze(0).float()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def bench(args):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    rows = []
+    print(f"card: {card}, torch {torch.__version__}, triton {triton.__version__}, bf16, H = 16")
+    for D in args.dims:
+        for L in args.lengths:
+            H = 16
+            B = max(1, args.elements // (H * L * D))
+            xs = make_inputs(B, H, L, D, torch.bfloat16, seed=L + D)
+            fns = candidates(*xs)
+            n = max(1, min(B * H, 2**27 // (L * L)))
+            with torch.no_grad():
+                ref = reference_t_o(*xs, n)
+                row = dict(L=L, D=D, B=B, H=H, fwd_flops=4 * B * H * L * L * D)
+                for name, fn in fns.items():
+                    if name == "math" and L > args.math_max_len:
+                        row[name] = dict(ms=None, mem_mb="skipped")
+                        continue
+                    ms, mem = measure(fn)
+                    entry = dict(ms=ms, mem_mb=mem)
+                    if ms is not None and name != "sdpa_fwd":
+                        entry["t_o_rel_err"] = rel(fn()[1], ref, n)  # every JVP returns (o, t_o)
+                    row[name] = entry
+                    torch.cuda.empty_cache()
+                del ref
+            rows.append(row)
+            print_row(row)
+            del xs, fns
+            torch.cuda.empty_cache()
+    print_table(card, rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__,
+                           dtype="bfloat16", time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                           configs={D: A._default_config(D, torch.bfloat16) for D in args.dims},
+                           rows=rows), f, indent=1)
+
+
+def print_row(row):
+    print(json.dumps(row), flush=True)
+
+
+def print_table(card, rows):
+    names = ["sdpa_fwd", "ours", "ours_raw", "jfa", "math"]
+    print(f"\n{card}: ms | fwd-TFLOP/s | x sdpa_fwd | extra MB | t_o rel err vs fp32")
+    print(f"{'L':>6} {'D':>4} {'B':>4} " + " ".join(f"{n:>34}" for n in names))
+    for r in rows:
+        cells = []
+        base = r["sdpa_fwd"]["ms"]
+        for n in names:
+            e = r.get(n)
+            if e is None or e["ms"] is None:
+                cells.append(f"{'-' if e is None else str(e['mem_mb']):>34}")
+                continue
+            tf = r["fwd_flops"] / e["ms"] / 1e9
+            err = f"{e['t_o_rel_err']:.1e}" if "t_o_rel_err" in e else "-"
+            cells.append(f"{e['ms']:7.3f} {tf:5.0f} {e['ms'] / base:5.1f}x {e['mem_mb']:7.0f} {err:>7}")
+        print(f"{r['L']:>6} {r['D']:>4} {r['B']:>4} " + " ".join(cells))
+
+
+def sweep(args):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    L = args.sweep_len
+    configs = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                    (128, 32, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2), (64, 32, 4, 4)],
+               128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3),
+                     (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 1), (128, 32, 4, 2)]}
+    results = []
+    for D in args.dims:
+        B = max(1, args.elements // (16 * L * D))
+        xs = make_inputs(B, 16, L, D, torch.bfloat16, seed=1)
+        base = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(*xs[:3]),
+                                       warmup=25, rep=100, return_mode="median")
+        ref = reference_t_o(*xs, 2)
+        for cfg in configs[D]:
+            try:
+                fn = lambda: A.attention_jvp_triton(*xs, config=cfg)
+                t_o = fn()[1]
+                err = rel(t_o, ref, 2)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # resource limits of a config
+                print(f"{card} D={D} L={L} cfg={cfg}: failed {type(e).__name__}: {str(e)[:120]}")
+                continue
+            tf = 12 * B * 16 * L * L * D / ms / 1e9
+            print(f"{card} D={D} L={L} B={B} cfg(BM,BN,warps,stages)={cfg}: {ms:.3f} ms, "
+                  f"{ms / base:.2f}x sdpa_fwd ({base:.3f} ms), JVP-matmul {tf:.0f} TFLOP/s, err {err:.1e}",
+                  flush=True)
+            results.append(dict(D=D, L=L, B=B, config=cfg, ms=ms, sdpa_fwd_ms=base, rel_err=err))
+    try:  # registers and spills of what was compiled
+        for dev_cache in A._kernel(False).device_caches.values():
+            for key, kern in dev_cache[0].items():
+                md = kern.metadata
+                print(f"compiled: warps={md.num_warps} stages={md.num_stages} shared={md.shared} "
+                      f"regs={kern.n_regs} spills={kern.n_spills}")
+    except Exception as e:
+        print("no register report:", e)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(card=card, sweep=results), f, indent=1)
+
+
+def check(args):
+    """Max errors of the kernel per dtype against torch.func.jvp of math attention in float64."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for (B, H, Lq, Lk, D) in [(2, 3, 200, 200, 32), (1, 4, 333, 517, 64), (2, 2, 1000, 130, 128)]:
+            xs = [torch.randn(B, H, L, D, device="cuda", dtype=dtype) for L in (Lq, Lk, Lk) * 2]
+            o, t_o = A.attention_jvp_triton(*xs)
+            x64 = [x.double() for x in xs]
+            ro, rt = torch.func.jvp(A.attention_math, tuple(x64[:3]), tuple(x64[3:]))
+            print(f"{card} {str(dtype):15} B={B} H={H} Lq={Lq} Lk={Lk} D={D}: "
+                  f"o max|err| {(o.double() - ro).abs().max().item():.1e} "
+                  f"rel {((o.double() - ro).norm() / ro.norm()).item():.1e}; "
+                  f"t_o max|err| {(t_o.double() - rt).abs().max().item():.1e} "
+                  f"rel {((t_o.double() - rt).norm() / rt.norm()).item():.1e} (max|t_o| {rt.abs().max().item():.1f})")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--elements", type=int, default=2**25, help="B*H*L*D per tensor (fills the card)")
+    p.add_argument("--math-max-len", type=int, default=16384, help="skip SDPA-math above this L")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--sweep", action="store_true", help="time block configurations instead")
+    p.add_argument("--sweep-len", type=int, default=4096)
+    p.add_argument("--check", action="store_true", help="per-dtype errors instead")
+    args = p.parse_args()
+    check(args) if args.check else sweep(args) if args.sweep else bench(args)

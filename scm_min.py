@@ -1,0 +1,566 @@
+"""sCM in one file: continuous-time consistency models on 2D toy data.
+
+C. Lu and Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models",
+arXiv:2410.11081 (v2). Section and equation numbers in comments refer to v2.
+
+Reads top to bottom: equations -> networks -> losses -> samplers -> data -> training -> command
+line. `python scm_min.py` trains a TrigFlow teacher on a 2D distribution, distills it into an sCD
+student, trains an sCT student from the same start, and writes samples, metrics and a figure.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch_ema import ExponentialMovingAverage
+from tqdm import tqdm
+
+import toy_data
+
+SIGMA_D = 0.5                     # data standard deviation (sCM v2, Sec. 3)
+T_MAX = math.atan(80 / SIGMA_D)   # sampling starts at EDM's sigma_max = 80 (sCM v2, Sec. 5.2)
+
+#----------------------------------------------------------------------------
+# Equations. t has shape [B]; `_bcast` lifts it to broadcast against x of shape [B, ...].
+
+def _bcast(t, x):
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+# TrigFlow interpolation x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I) (sCM v2, Sec. 3).
+def trigflow_interpolate(x0, z, t):
+    t = _bcast(t, x0)
+    return torch.cos(t) * x0 + torch.sin(t) * z
+
+
+# Its velocity v_t = dx_t/dt = cos(t) z - sin(t) x0: the diffusion target and sCT's dx_t/dt (Sec. 3).
+def trigflow_velocity(x0, z, t):
+    t = _bcast(t, x0)
+    return torch.cos(t) * z - torch.sin(t) * x0
+
+
+# EDM noise level of TrigFlow time: sigma = sigma_d tan(t), and x_t = cos(t) x_sigma (Sec. 3).
+def edm_sigma(t):
+    return SIGMA_D * torch.tan(t)
+
+
+def trigflow_time(sigma):
+    return torch.atan(sigma / SIGMA_D)
+
+
+# Time proposal: log(sigma_d tan t) ~ N(P_mean, P_std^2) (Sec. 4.2, Algorithm 1).
+def sample_time(n, P_mean, P_std, generator=None, device=None, dtype=torch.float32):
+    tau = P_mean + P_std * torch.randn(n, generator=generator, device=device, dtype=dtype)
+    return trigflow_time(torch.exp(tau))
+
+
+# PF-ODE velocity of the model: dx_t/dt = sigma_d F_theta(x_t / sigma_d, t) (Sec. 3).
+def pf_ode_velocity(net, x_t, t):
+    return SIGMA_D * net(x_t / SIGMA_D, t)
+
+
+# Exact move from t to s under a constant F (DDIM in TrigFlow; Sec. 3):
+# x_s = cos(t - s) x_t - sin(t - s) sigma_d F.
+def ddim_step(x_t, t, s, F):
+    dt = _bcast(t - s, x_t)
+    return torch.cos(dt) * x_t - torch.sin(dt) * SIGMA_D * F
+
+
+# Consistency function f_theta(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta (Sec. 3); f(x, 0) = x.
+def consistency_from_F(x_t, t, F):
+    return ddim_step(x_t, t, torch.zeros_like(t), F)
+
+
+def consistency_fn(net, x_t, t):
+    return consistency_from_F(x_t, t, net(x_t / SIGMA_D, t))
+
+
+# Total derivative of f_theta along a trajectory with velocity dx_t/dt (Sec. 4, Eq. 6):
+# df/dt = -cos(t) (sigma_d F - dx_t/dt) - sin(t) (x_t + sigma_d dF/dt),
+# with dF/dt the derivative of F(x_t / sigma_d, t) along (dx_t/dt, 1), from one forward-mode JVP.
+def consistency_tangent(net, x_t, t, dxt_dt):
+    """(F, df/dt): F = net(x_t / SIGMA_D, t) and the exact total derivative of f_theta."""
+    F, dF_dt = torch.func.jvp(net, (x_t / SIGMA_D, t), (dxt_dt / SIGMA_D, torch.ones_like(t)))
+    t = _bcast(t, x_t)
+    df_dt = -torch.cos(t) * (SIGMA_D * F - dxt_dt) - torch.sin(t) * (x_t + SIGMA_D * dF_dt)
+    return F, df_dt
+
+
+# The sCM training target g = cos(t) df/dt with the tangent warm-up factor r on the second term
+# (Sec. 4.2, Eq. 8, Algorithm 1). The JVP's tangents carry the factor cos(t) sin(t) so that the
+# tangent stays small near t = 0 and t = pi/2; sigma_d is applied exactly once.
+def scm_target(net, x_t, t, dxt_dt, r=1.0):
+    """(F^-, g) for the stop-gradient network `net`; call under torch.no_grad()."""
+    cos_sin_t = torch.cos(t) * torch.sin(t)
+    F, cos_sin_dF_dt = torch.func.jvp(
+        net, (x_t / SIGMA_D, t), (_bcast(cos_sin_t, x_t) * dxt_dt / SIGMA_D, cos_sin_t))
+    cos_t, cos_sin_t = _bcast(torch.cos(t), x_t), _bcast(cos_sin_t, x_t)
+    g = -cos_t ** 2 * (SIGMA_D * F - dxt_dt) - r * (cos_sin_t * x_t + SIGMA_D * cos_sin_dF_dt)
+    return F, g
+
+
+# Tangent normalization g <- g / (||g|| + c), ||.|| the L2 norm over one sample (Sec. 4.2).
+def normalize_tangent(g, c=0.1):
+    norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
+    return g / _bcast(norm + c, g)
+
+
+# Tangent warm-up r = min(1, step / H) (Sec. 4.2).
+def tangent_warmup(step, H):
+    return min(1.0, step / H) if H > 0 else 1.0
+
+#----------------------------------------------------------------------------
+# Networks. Convention: net(x, t) with x = x_t / SIGMA_D [B, ...] and t [B] returns F, x's shape.
+
+def pixel_norm(x, eps=1e-4):
+    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of c_noise(t) = t (Sec. 4.1): no x1000 scaling, frequencies 1..max_freq."""
+
+    def __init__(self, dim, max_freq=32.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), dim // 2)))
+
+    def forward(self, t):
+        angles = t[:, None] * self.freqs.to(t.dtype)  # [B, dim/2]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """MLP block with adaptive double normalization (Sec. 4.1):
+    y = norm(h) * pixelnorm(s(c)) + pixelnorm(b(c)) replaces AdaGN's norm(h) * (1 + s) + b."""
+
+    def __init__(self, width, dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.scale = nn.Linear(width, width)
+        self.shift = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, width))
+
+    def forward(self, h, c):
+        y = self.norm(h) * pixel_norm(self.scale(c)) + pixel_norm(self.shift(c))
+        return h + self.mlp(y)
+
+
+class ToyMLP(nn.Module):
+    """Residual MLP for points [B, D] conditioned on t; the 2D network of this file."""
+
+    def __init__(self, dim=2, width=256, depth=4, emb_dim=64, max_freq=32.0, dropout=0.0):
+        super().__init__()
+        self.embed = TimeEmbedding(emb_dim, max_freq)
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x, t):
+        c = self.time_mlp(self.embed(t))  # [B, width]
+        h = self.inp(x)                   # [B, width]
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(h)                # [B, D]
+
+
+class AdaptiveWeight(nn.Module):
+    """Learned log-variance logvar(t) = -w_phi(t) of the adaptive loss weighting (Sec. 4.2, Eq. 8)."""
+
+    def __init__(self, emb_dim=64):
+        super().__init__()
+        self.embed = TimeEmbedding(emb_dim, max_freq=8.0)
+        self.linear = nn.Linear(emb_dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t):
+        return self.linear(self.embed(t)).squeeze(1)  # [B]
+
+#----------------------------------------------------------------------------
+# Losses: loss(net, x0, step) -> (per-sample loss [B], logs). The training loop reduces them.
+
+def _mean_over_dims(x):
+    return x.flatten(1).mean(dim=1)
+
+
+class TeacherLoss:
+    """TrigFlow diffusion loss ||sigma_d F_theta - v_t||^2 / sigma_d^2 with adaptive weighting (Sec. 3, 4.2)."""
+
+    def __init__(self, P_mean=-0.8, P_std=1.6):
+        self.P_mean, self.P_std = P_mean, P_std
+        self.logvar = AdaptiveWeight()
+
+    def __call__(self, net, x0, step):
+        t = sample_time(len(x0), self.P_mean, self.P_std, device=x0.device, dtype=x0.dtype)
+        z = torch.randn_like(x0) * SIGMA_D
+        F = net(trigflow_interpolate(x0, z, t) / SIGMA_D, t)
+        error = _mean_over_dims((F - trigflow_velocity(x0, z, t) / SIGMA_D) ** 2)
+        logvar = self.logvar(t)
+        return error * torch.exp(-logvar) + logvar, {}
+
+
+class SCMLoss:
+    """sCM loss (Sec. 4.2, Eq. 8): mean((F_theta - F^- - g)^2) exp(-logvar) + logvar, where g comes
+    from one JVP of the stop-gradient student. `teacher=None` gives sCT (dx_t/dt from the data pair);
+    a teacher network gives sCD (dx_t/dt = sigma_d F_teacher). Its theta-gradient is that of the
+    continuous-time CM objective with weight 1 / (sigma_d tan t) (Sec. 4, Eq. 6 to 8)."""
+
+    def __init__(self, teacher=None, P_mean=-1.0, P_std=1.4, warmup_steps=1000, tangent_c=0.1):
+        self.teacher = teacher
+        self.P_mean, self.P_std = P_mean, P_std
+        self.warmup_steps, self.tangent_c = warmup_steps, tangent_c
+        self.logvar = AdaptiveWeight()
+
+    def __call__(self, net, x0, step):
+        t = sample_time(len(x0), self.P_mean, self.P_std, device=x0.device, dtype=x0.dtype)
+        z = torch.randn_like(x0) * SIGMA_D
+        x_t = trigflow_interpolate(x0, z, t)
+        with torch.no_grad():
+            if self.teacher is None:
+                dxt_dt = trigflow_velocity(x0, z, t)
+            else:
+                dxt_dt = pf_ode_velocity(self.teacher, x_t, t)
+        error, g_norm = scm_objective(net, x_t, t, dxt_dt, tangent_warmup(step, self.warmup_steps), self.tangent_c)
+        logvar = self.logvar(t)
+        return error * torch.exp(-logvar) + logvar, {"g_norm": g_norm.mean().item()}
+
+
+def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1):
+    """Per-sample mean((F_theta - F^- - g)^2) before adaptive weighting, and ||g|| before
+    normalization. F^- and g come from the same net without gradient (the stop-gradient student);
+    tangent_c=None turns tangent normalization off."""
+    with torch.no_grad():
+        F_minus, g = scm_target(net, x_t, t, dxt_dt, r)
+        g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
+        if tangent_c is not None:
+            g = normalize_tangent(g, tangent_c)
+    F_theta = net(x_t / SIGMA_D, t)
+    return _mean_over_dims((F_theta - F_minus - g) ** 2), g_norm
+
+#----------------------------------------------------------------------------
+# Samplers: sample_x(net, z, ts, ...) with z ~ N(0, SIGMA_D^2 I) and a decreasing list of times.
+
+# Teacher schedule: EDM's rho = 7 noise levels (Karras et al. 2022) in TrigFlow time, then t = 0.
+def teacher_times(n_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64)
+    sigma = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return [*trigflow_time(sigma).tolist(), 0.0]
+
+
+# Consistency schedule: t_max, then t_mid for 2 steps (t_mid = 1.1 in Sec. 5.2).
+def consistency_times(n_steps, t_mid=1.1):
+    return {1: [T_MAX], 2: [T_MAX, t_mid]}[n_steps]
+
+
+@torch.no_grad()
+def sample_teacher(net, z, ts, solver="heun"):
+    """Integrate the PF-ODE dx_t/dt = sigma_d F(x_t / sigma_d, t) along ts (ending at 0), from z at
+    ts[0]. Solvers: "ddim" (exact if the x0-prediction were constant; first order, 1 evaluation a
+    step), "euler" (first order, 1 evaluation) or "heun" (second order, 2 evaluations; EDM's
+    Heun, Karras et al. 2022, in TrigFlow time)."""
+    x = z
+    for t, s in zip(ts[:-1], ts[1:]):
+        t_vec = torch.full((len(x),), t, dtype=x.dtype, device=x.device)
+        s_vec = torch.full_like(t_vec, s)
+        v = pf_ode_velocity(net, x, t_vec)
+        if solver == "ddim":
+            x = ddim_step(x, t_vec, s_vec, v / SIGMA_D)
+        elif solver == "euler":
+            x = x + (s - t) * v
+        elif solver == "heun":
+            x_euler = x + (s - t) * v
+            x = x + (s - t) * (v + pf_ode_velocity(net, x_euler, s_vec)) / 2
+        else:
+            raise ValueError(f"unknown solver {solver!r}; use ddim, euler or heun")
+    return x
+
+
+@torch.no_grad()
+def sample_consistency(net, z, ts, generator=None):
+    """Multistep consistency sampling (Sec. 5.2): x0 = f(z, ts[0]), then for each later t
+    re-noise x_t = cos(t) x0 + sin(t) z' with fresh z' and map back with f."""
+    t_vec = torch.full((len(z),), ts[0], dtype=z.dtype, device=z.device)
+    x0 = consistency_fn(net, z, t_vec)
+    for t in ts[1:]:
+        t_vec = torch.full_like(t_vec, t)
+        z_fresh = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device) * SIGMA_D
+        x0 = consistency_fn(net, trigflow_interpolate(x0, z_fresh, t_vec), t_vec)
+    return x0
+
+#----------------------------------------------------------------------------
+# Data: a built-in distribution or a user's point cloud, standardized to std SIGMA_D.
+
+MIN_POINTS = 100
+
+
+class DataError(ValueError):
+    """Bad input data; the command line prints it as one line and exits with code 2."""
+
+
+def load_points(path):
+    """A user's point cloud [N, 2] from a .npy file, checked."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    try:
+        points = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise DataError(f"cannot read {path} as a .npy array: {type(error).__name__}: {error}") from None
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise DataError(f"{path}: expected an array of shape [N, 2], got {list(points.shape)}")
+    if not np.issubdtype(points.dtype, np.number) or np.issubdtype(points.dtype, np.complexfloating):
+        raise DataError(f"{path}: expected real numbers, got dtype {points.dtype}")
+    points = points.astype(np.float64)
+    if not np.isfinite(points).all():
+        raise DataError(f"{path}: contains NaN or inf in {int((~np.isfinite(points)).any(1).sum())} rows")
+    if len(points) < MIN_POINTS:
+        raise DataError(f"{path}: {len(points)} points, need at least {MIN_POINTS}")
+    if points.std() == 0:
+        raise DataError(f"{path}: all points are identical")
+    return points
+
+
+class Standardizer:
+    """Affine map between the data's own units and the model's (mean 0, overall std SIGMA_D)."""
+
+    def __init__(self, points):
+        self.mean, self.scale = points.mean(axis=0), SIGMA_D / points.std()
+
+    def to_model(self, points):
+        return (points - self.mean) * self.scale
+
+    def to_data(self, points):
+        return points / self.scale + self.mean
+
+
+def load_data(name_or_path, n, seed):
+    """(training points, reference points, data-vs-data points, description), in data units.
+
+    A built-in name gives three independent draws; a .npy file gives its points as training and
+    reference set and, for the data-vs-data floor, two disjoint halves of it."""
+    if name_or_path.endswith(".npy") or os.path.sep in name_or_path:
+        points = load_points(name_or_path)
+        half = np.random.default_rng(seed).permutation(len(points))
+        return points, points[half[: len(half) // 2]], points[half[len(half) // 2:]], f"file {name_or_path}"
+    if name_or_path not in toy_data.DISTRIBUTIONS:
+        raise DataError(f"unknown distribution {name_or_path!r}; built-in: "
+                        f"{', '.join(toy_data.DISTRIBUTIONS)}; or pass a path to an [N, 2] .npy file")
+    draws = [toy_data.sample(name_or_path, count, seed=seed * 3 + k) for k, count in enumerate((100_000, n, n))]
+    return (*draws, f"built-in {name_or_path}")
+
+#----------------------------------------------------------------------------
+# Training: the loop reduces the per-sample loss, steps the optimizer and updates the EMA.
+
+def train(net, loss_fn, data, steps, batch_size, lr, ema_decay, seed, desc="train"):
+    """Train `net` on rows of `data` [N, D] (model units); returns (EMA copy of net, history)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [*net.parameters(), *loss_fn.logvar.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
+    ema = ExponentialMovingAverage(net.parameters(), decay=ema_decay, use_num_updates=True)
+    history = {"loss": [], "grad_norm": [], "g_norm": []}
+    progress = tqdm(range(steps), desc=desc, mininterval=1.0, disable=None)
+    for step in progress:
+        x0 = data[torch.randint(len(data), (batch_size,), generator=generator)]
+        loss, logs = loss_fn(net, x0, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float("inf"))
+        optimizer.step()
+        ema.update()
+        history["loss"].append(loss.mean().item())
+        history["grad_norm"].append(grad_norm.item())
+        if "g_norm" in logs:
+            history["g_norm"].append(logs["g_norm"])
+        if step % 100 == 0:
+            progress.set_postfix(loss=f"{history['loss'][-1]:.4f}", grad=f"{grad_norm.item():.3f}",
+                                 **({"g": f"{logs['g_norm']:.3f}"} if "g_norm" in logs else {}))
+    ema_net = copy.deepcopy(net).eval()
+    with torch.no_grad():  # torch-ema keeps non-leaf tensors if this runs with grad on (SCM_NOTES Sec. 7)
+        ema.copy_to(ema_net.parameters())
+    return ema_net.requires_grad_(False), history
+
+
+def make_student(teacher):
+    """The student starts from the teacher's weights, trainable (a frozen copy would never move)."""
+    return copy.deepcopy(teacher).train().requires_grad_(True)
+
+#----------------------------------------------------------------------------
+# Configuration and the main job.
+
+@dataclasses.dataclass
+class ToyConfig:
+    data: str = dataclasses.field(default="8gaussians", metadata={"help": "built-in distribution name, or a .npy file of shape [N, 2]"})
+    out: str = dataclasses.field(default="out/toy", metadata={"help": "output folder"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for data, initialization, training and sampling"})
+    teacher_steps: int = dataclasses.field(default=6000, metadata={"help": "teacher (diffusion) iterations"})
+    student_steps: int = dataclasses.field(default=2000, metadata={"help": "iterations for each of sCD and sCT"})
+    batch_size: int = dataclasses.field(default=512, metadata={"help": "batch size of every phase"})
+    teacher_lr: float = dataclasses.field(default=1e-3, metadata={"help": "teacher Adam learning rate"})
+    student_lr: float = dataclasses.field(default=1e-4, metadata={"help": "student Adam learning rate"})
+    ema_decay: float = dataclasses.field(default=0.999, metadata={"help": "EMA decay (with torch-ema's warm-up)"})
+    width: int = dataclasses.field(default=256, metadata={"help": "MLP width"})
+    depth: int = dataclasses.field(default=4, metadata={"help": "number of residual blocks"})
+    teacher_P_mean: float = dataclasses.field(default=-0.8, metadata={"help": "teacher time proposal: mean of log sigma"})
+    teacher_P_std: float = dataclasses.field(default=1.6, metadata={"help": "teacher time proposal: std of log sigma"})
+    P_mean: float = dataclasses.field(default=-1.0, metadata={"help": "student time proposal: mean of log sigma"})
+    P_std: float = dataclasses.field(default=1.4, metadata={"help": "student time proposal: std of log sigma"})
+    warmup_steps: int = dataclasses.field(default=500, metadata={"help": "tangent warm-up iterations H"})
+    tangent_c: float = dataclasses.field(default=0.1, metadata={"help": "tangent normalization constant c"})
+    t_mid: float = dataclasses.field(default=1.1, metadata={"help": "intermediate time of 2-step sampling"})
+    teacher_sample_steps: int = dataclasses.field(default=100, metadata={"help": "teacher ODE steps for sampling"})
+    n_samples: int = dataclasses.field(default=20000, metadata={"help": "samples per sampler (and per reference draw)"})
+    dry_run: bool = dataclasses.field(default=False, metadata={"help": "print the resolved configuration and exit"})
+
+
+def run(cfg):
+    """Train teacher, sCD and sCT on cfg.data; returns (samples in data units, metrics, histories)."""
+    train_points, reference, fresh, description = load_data(cfg.data, cfg.n_samples, cfg.seed)
+    standardizer = Standardizer(train_points)
+    data = torch.as_tensor(standardizer.to_model(train_points), dtype=torch.float32)
+
+    torch.manual_seed(cfg.seed)
+    timings, histories = {}, {}
+    start = time.perf_counter()
+    net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth)
+    teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
+                                          cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_decay,
+                                          cfg.seed, desc="teacher")
+    timings["teacher"] = time.perf_counter() - start
+    students = {}
+    for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
+        start = time.perf_counter()
+        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c)
+        students[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
+                                                cfg.batch_size, cfg.student_lr, cfg.ema_decay,
+                                                cfg.seed + 1, desc=kind)
+        timings[kind] = time.perf_counter() - start
+
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    z = torch.randn(cfg.n_samples, data.shape[1], generator=generator) * SIGMA_D
+    samples = {"teacher": sample_teacher(teacher, z, teacher_times(cfg.teacher_sample_steps))}
+    for kind, student in students.items():
+        for n_steps in (1, 2):
+            samples[f"{kind}-{n_steps}step"] = sample_consistency(
+                student, z, consistency_times(n_steps, cfg.t_mid), generator=generator)
+    samples = {name: standardizer.to_data(x.double().numpy()) for name, x in samples.items()}
+
+    to_model = standardizer.to_model
+    metrics = {"data": description, "n_samples": cfg.n_samples,
+               "headline": "sliced_wasserstein (model units, std 0.5; lower is better)",
+               "sliced_wasserstein": {"data": toy_data.sliced_wasserstein(to_model(fresh), to_model(reference))},
+               "energy_distance": {"data": toy_data.energy_distance(to_model(fresh), to_model(reference))},
+               "seconds": timings}
+    for name, x in samples.items():
+        metrics["sliced_wasserstein"][name] = toy_data.sliced_wasserstein(to_model(x), to_model(reference))
+        metrics["energy_distance"][name] = toy_data.energy_distance(to_model(x), to_model(reference))
+    return samples, metrics, histories, reference
+
+#----------------------------------------------------------------------------
+# Output files.
+
+def _atomic_write(path, write):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_toy(path, reference, samples, metrics, histories):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {"data": reference, **samples}
+    fig = plt.figure(figsize=(3 * len(panels), 6.4))
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[1.2, 1])
+    lim = np.quantile(np.abs(reference - reference.mean(0)), 0.999) * 1.15
+    center = reference.mean(0)
+    for i, (name, x) in enumerate(panels.items()):
+        ax = fig.add_subplot(grid[0, i])
+        ax.scatter(x[:5000, 0], x[:5000, 1], s=1, alpha=0.4, color="k" if name == "data" else "C0")
+        sw = metrics["sliced_wasserstein"][name]
+        ax.set_title(f"{name}\nSW {sw:.4f}", fontsize=10)
+        ax.set_xlim(center[0] - lim, center[0] + lim)
+        ax.set_ylim(center[1] - lim, center[1] + lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    curves = [("loss (adaptive-weighted)", "loss"), ("||g|| before normalization", "g_norm"), ("gradient norm", "grad_norm")]
+    span = len(panels) // 3
+    for i, (title, key) in enumerate(curves):
+        ax = fig.add_subplot(grid[1, i * span:(i + 1) * span if i < 2 else len(panels)])
+        for name, history in histories.items():
+            if history[key]:
+                ax.plot(_smooth(history[key]), label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_yscale("symlog" if key == "loss" else "log", **({"linthresh": 0.1} if key == "loss" else {}))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"sCM on {metrics['data']}: data, 100-step teacher and 1/2-step students", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values, window=50):
+    values = np.asarray(values, np.float64)
+    if len(values) < window:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def write_outputs(cfg, samples, metrics, histories, reference):
+    for name, x in samples.items():
+        _atomic_write(os.path.join(cfg.out, "samples", f"{name}.npy"), lambda p, x=x: np.save(p, x))
+    with_config = {**metrics, "config": dataclasses.asdict(cfg)}
+    _atomic_write(os.path.join(cfg.out, "metrics.json"),
+                  lambda p: open(p, "w").write(json.dumps(with_config, indent=2) + "\n"))
+    _atomic_write(os.path.join(cfg.out, "toy.png"), lambda p: plot_toy(p, reference, samples, metrics, histories))
+
+#----------------------------------------------------------------------------
+# Command line, generated from ToyConfig.
+
+def parse_args(argv=None, config_class=ToyConfig):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=field.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
+            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"])
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    try:
+        samples, metrics, histories, reference = run(cfg)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    write_outputs(cfg, samples, metrics, histories, reference)
+    sw = metrics["sliced_wasserstein"]
+    print(" ".join(f"{name}={value:.4f}" for name, value in sw.items()), f"(sliced Wasserstein; wrote {cfg.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
