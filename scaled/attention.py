@@ -154,7 +154,7 @@ def _default_config(D, dtype):
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if D <= 64:
-        return 128, 64, 4, 3
+        return 128, 128, 8, 2   # (128, 64, 4, 3) spilled 84 registers: 2.5x slower
     return 128, 64, 8, 2
 
 
@@ -219,6 +219,7 @@ class _AttentionJVP(torch.autograd.Function):
         q, k, v = inputs[:3]
         o, t_o = output
         ctx.mark_non_differentiable(t_o)
+        ctx.set_materialize_grads(False)  # jvp ignores its tangents: don't fill zeros for them
         ctx.save_for_forward(t_o)
         ctx.save_for_backward(q, k, v)
 
@@ -231,6 +232,8 @@ class _AttentionJVP(torch.autograd.Function):
     def backward(ctx, grad_o, grad_t_o):
         # Reverse mode of o through fused SDPA; t_o itself is not differentiable.
         q, k, v = ctx.saved_tensors
+        if grad_o is None:
+            return None, None, None, None, None, None
         with torch.enable_grad():
             q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v)
