@@ -302,29 +302,29 @@ def sample_consistency(net, z, ts, generator=None):
 MIN_POINTS = 100
 
 
-class DataError(ValueError):
-    """Bad input data; the command line prints it as one line and exits with code 2."""
+class InputError(ValueError):
+    """Bad input (data or options); the command line prints it as one line and exits with code 2."""
 
 
 def load_points(path):
     """A user's point cloud [N, 2] from a .npy file, checked."""
     if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
+        raise InputError(f"data file not found: {path}")
     try:
         points = np.load(path, allow_pickle=False)
     except Exception as error:
-        raise DataError(f"cannot read {path} as a .npy array: {type(error).__name__}: {error}") from None
+        raise InputError(f"cannot read {path} as a .npy array: {type(error).__name__}: {error}") from None
     if points.ndim != 2 or points.shape[1] != 2:
-        raise DataError(f"{path}: expected an array of shape [N, 2], got {list(points.shape)}")
+        raise InputError(f"{path}: expected an array of shape [N, 2], got {list(points.shape)}")
     if not np.issubdtype(points.dtype, np.number) or np.issubdtype(points.dtype, np.complexfloating):
-        raise DataError(f"{path}: expected real numbers, got dtype {points.dtype}")
+        raise InputError(f"{path}: expected real numbers, got dtype {points.dtype}")
     points = points.astype(np.float64)
     if not np.isfinite(points).all():
-        raise DataError(f"{path}: contains NaN or inf in {int((~np.isfinite(points)).any(1).sum())} rows")
+        raise InputError(f"{path}: contains NaN or inf in {int((~np.isfinite(points)).any(1).sum())} rows")
     if len(points) < MIN_POINTS:
-        raise DataError(f"{path}: {len(points)} points, need at least {MIN_POINTS}")
+        raise InputError(f"{path}: {len(points)} points, need at least {MIN_POINTS}")
     if points.std() == 0:
-        raise DataError(f"{path}: all points are identical")
+        raise InputError(f"{path}: all points are identical")
     return points
 
 
@@ -346,12 +346,13 @@ def load_data(name_or_path, n, seed):
 
     A built-in name gives three independent draws; a .npy file gives its points as training and
     reference set and, for the data-vs-data floor, two disjoint halves of it."""
-    if name_or_path.endswith(".npy") or os.path.sep in name_or_path:
+    if name_or_path not in toy_data.DISTRIBUTIONS and (
+            name_or_path.endswith(".npy") or os.path.sep in name_or_path or os.path.exists(name_or_path)):
         points = load_points(name_or_path)
         half = np.random.default_rng(seed).permutation(len(points))
         return points, points[half[: len(half) // 2]], points[half[len(half) // 2:]], f"file {name_or_path}"
     if name_or_path not in toy_data.DISTRIBUTIONS:
-        raise DataError(f"unknown distribution {name_or_path!r}; built-in: "
+        raise InputError(f"unknown distribution {name_or_path!r}; built-in: "
                         f"{', '.join(toy_data.DISTRIBUTIONS)}; or pass a path to an [N, 2] .npy file")
     draws = [toy_data.sample(name_or_path, count, seed=seed * 3 + k) for k, count in enumerate((100_000, n, n))]
     return (*draws, f"built-in {name_or_path}")
@@ -420,8 +421,27 @@ class ToyConfig:
     dry_run: bool = dataclasses.field(default=False, metadata={"help": "print the resolved configuration and exit"})
 
 
+def validate(cfg):
+    """Raise InputError, before anything is trained or written, for options that cannot work."""
+    checks = [(cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
+              (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+              (cfg.n_samples >= 2, "--n-samples must be at least 2"),
+              (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
+              (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
+              (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+              (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
+              (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
+              (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
+              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})")]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
 def run(cfg):
-    """Train teacher, sCD and sCT on cfg.data; returns (samples in data units, metrics, histories)."""
+    """Train teacher, sCD and sCT on cfg.data; returns (samples in data units, metrics, histories,
+    reference points)."""
+    validate(cfg)
     train_points, reference, fresh, description = load_data(cfg.data, cfg.n_samples, cfg.seed)
     standardizer = Standardizer(train_points)
     data = torch.as_tensor(standardizer.to_model(train_points), dtype=torch.float32)
@@ -478,6 +498,9 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
+PHASE_COLORS = {"data": "k", "teacher": "C0", "scd": "C1", "sct": "C2"}
+
+
 def plot_toy(path, reference, samples, metrics, histories):
     import matplotlib
     matplotlib.use("Agg")
@@ -490,7 +513,7 @@ def plot_toy(path, reference, samples, metrics, histories):
     center = reference.mean(0)
     for i, (name, x) in enumerate(panels.items()):
         ax = fig.add_subplot(grid[0, i])
-        ax.scatter(x[:5000, 0], x[:5000, 1], s=1, alpha=0.4, color="k" if name == "data" else "C0")
+        ax.scatter(x[:5000, 0], x[:5000, 1], s=1, alpha=0.4, color=PHASE_COLORS[name.split("-")[0]])
         sw = metrics["sliced_wasserstein"][name]
         ax.set_title(f"{name}\nSW {sw:.4f}", fontsize=10)
         ax.set_xlim(center[0] - lim, center[0] + lim)
@@ -504,10 +527,11 @@ def plot_toy(path, reference, samples, metrics, histories):
         ax = fig.add_subplot(grid[1, i * span:(i + 1) * span if i < 2 else len(panels)])
         for name, history in histories.items():
             if history[key]:
-                ax.plot(_smooth(history[key]), label=name)
+                ax.plot(_smooth(history[key]), label=name, color=PHASE_COLORS[name])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
-        ax.set_yscale("symlog" if key == "loss" else "log", **({"linthresh": 0.1} if key == "loss" else {}))
+        if key != "loss":
+            ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.suptitle(f"sCM on {metrics['data']}: data, 100-step teacher and 1/2-step students", fontsize=11)
     fig.tight_layout()
@@ -548,12 +572,13 @@ def parse_args(argv=None, config_class=ToyConfig):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg.dry_run:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        return 0
     try:
+        validate(cfg)
+        if cfg.dry_run:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
         samples, metrics, histories, reference = run(cfg)
-    except DataError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     write_outputs(cfg, samples, metrics, histories, reference)

@@ -114,12 +114,13 @@ def bench(args):
             del xs, fns
             torch.cuda.empty_cache()
     print_table(card, rows)
+    mem_rows = memory_series(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__,
                            dtype="bfloat16", time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                            configs={D: A._default_config(D, torch.bfloat16) for D in args.dims},
-                           rows=rows), f, indent=1)
+                           rows=rows, memory_series=mem_rows), f, indent=1)
 
 
 def print_row(row):
@@ -185,6 +186,31 @@ def sweep(args):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(card=card, sweep=results), f, indent=1)
+
+
+def memory_series(args):
+    """Extra peak memory at fixed B = 1, H = 16, D = 64 as L grows (linear for a flash JVP)."""
+    rows = []
+    for L in args.lengths:
+        xs = make_inputs(1, 16, L, 64, torch.bfloat16, seed=L)
+        row = dict(L=L, B=1, H=16, D=64)
+        with torch.no_grad():
+            for name, fn in candidates(*xs).items():
+                if name == "math" and L > args.math_max_len:
+                    continue
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    row[name + "_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                except torch.OutOfMemoryError:
+                    row[name + "_mb"] = "OOM"
+                torch.cuda.empty_cache()
+        print("memory", json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def check(args):
