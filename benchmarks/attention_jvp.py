@@ -1,10 +1,15 @@
 """Attention JVP on one GPU: scaled.attention's Triton kernel against its peers.
 
 Candidates, all in bf16 under torch.no_grad, same inputs:
-  sdpa_fwd  plain fused SDPA forward (no tangent): the floor
-  ours      torch.func.jvp(scaled.attention.attention, ...)  (the Triton (o, t_o) kernel)
-  jfa       torch.func.jvp(jvp_flash_attention's JVPAttn.fwd_dual, ...)  (optional package)
-  math      torch.func.jvp(SDPA, ...) with the math backend (materializes L x L)
+  sdpa_fwd      plain fused SDPA forward (no tangent): the floor
+  ours          scaled.attention.attention on dual tensors (forward AD, the Triton kernel)
+  ours_funcjvp  torch.func.jvp(scaled.attention.attention, ...), one transform per call
+  ours_raw      attention_jvp_triton(q, k, v, t_q, t_k, t_v), the kernel launch alone
+  jfa           jvp_flash_attention's JVPAttn.fwd_dual on dual tensors (optional package)
+  jfa_funcjvp   torch.func.jvp(JVPAttn.fwd_dual, ...)
+  math          SDPA's math backend on dual tensors (materializes L x L)
+Dual tensors are made once inside an open forward-AD level, as in a whole network's JVP;
+the *_funcjvp rows add torch.func.jvp's own set-up to every call.
 FLOPs: "fwd TFLOP/s" is 4 B H L^2 D (the two matrix products of a forward) over the time,
 the same numerator for every candidate, so it is an inverse time; the JVP kernel itself does
 3x that in matrix products (q k^T, t_q k^T + q t_k^T, p v, p t_v, (p t_s) v = 12 B H L^2 D).
@@ -15,12 +20,14 @@ Memory: peak bytes allocated during the call beyond the inputs already resident.
   python benchmarks/attention_jvp.py --check   # per-dtype errors against float64
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -41,35 +48,54 @@ def make_inputs(B, H, L, D, dtype, seed=0):
 
 
 def candidates(q, k, v, t_q, t_k, t_v):
+    """name -> (fn, dual). A dual candidate's fn takes dual tensors made once inside an open
+    forward-AD level, as inside a network's JVP; the *_funcjvp ones pay torch.func.jvp's own
+    set-up (about 0.2-0.6 ms of CPU per call) on top, every call."""
+    def on_duals(op):
+        def fn(duals):
+            o, t_o = fwAD.unpack_dual(op(*duals))
+            return o, t_o
+        return fn
+
+    def math_op(*xs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(*xs)
+
     fns = {
-        "sdpa_fwd": lambda: F.scaled_dot_product_attention(q, k, v),
-        "ours": lambda: torch.func.jvp(A.attention, (q, k, v), (t_q, t_k, t_v)),
-        "ours_raw": lambda: A.attention_jvp_triton(q, k, v, t_q, t_k, t_v),
+        "sdpa_fwd": (lambda: F.scaled_dot_product_attention(q, k, v), False),
+        "ours": (on_duals(A.attention), True),
+        "ours_funcjvp": (lambda: torch.func.jvp(A.attention, (q, k, v), (t_q, t_k, t_v)), False),
+        "ours_raw": (lambda: A.attention_jvp_triton(q, k, v, t_q, t_k, t_v), False),
     }
     if JVPAttn is not None:
-        fns["jfa"] = lambda: torch.func.jvp(JVPAttn.fwd_dual, (q, k, v), (t_q, t_k, t_v))
-
-    def math():
-        with sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (t_q, t_k, t_v))
-    fns["math"] = math
+        fns["jfa"] = (on_duals(JVPAttn.fwd_dual), True)
+        fns["jfa_funcjvp"] = (lambda: torch.func.jvp(JVPAttn.fwd_dual, (q, k, v), (t_q, t_k, t_v)), False)
+    fns["math"] = (on_duals(math_op), True)
     return fns
 
 
-def measure(fn):
-    """(median ms, extra peak MB) or (None, 'OOM')."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        fn()
+def measure(fn, dual, xs):
+    """(median ms, extra peak MB, t_o) or (None, 'OOM', None)."""
+    with fwAD.dual_level() if dual else contextlib.nullcontext():
+        if dual:
+            duals = [fwAD.make_dual(x, t) for x, t in zip(xs[:3], xs[3:])]
+            call = lambda: fn(duals)
+        else:
+            call = fn
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None, "OOM"
-    return ms, peak
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            out = call()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            t_o = out[1] if isinstance(out, tuple) else None
+            del out
+            ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None, "OOM", None
+    return ms, peak, t_o
 
 
 def reference_t_o(q, k, v, t_q, t_k, t_v, n):
@@ -98,15 +124,15 @@ def bench(args):
             with torch.no_grad():
                 ref = reference_t_o(*xs, n)
                 row = dict(L=L, D=D, B=B, H=H, fwd_flops=4 * B * H * L * L * D)
-                for name, fn in fns.items():
+                for name, (fn, dual) in fns.items():
                     if name == "math" and L > args.math_max_len:
                         row[name] = dict(ms=None, mem_mb="skipped")
                         continue
-                    ms, mem = measure(fn)
-                    entry = dict(ms=ms, mem_mb=mem)
-                    if ms is not None and name != "sdpa_fwd":
-                        entry["t_o_rel_err"] = rel(fn()[1], ref, n)  # every JVP returns (o, t_o)
-                    row[name] = entry
+                    ms, mem, t_o = measure(fn, dual, xs)
+                    row[name] = dict(ms=ms, mem_mb=mem)
+                    if t_o is not None:
+                        row[name]["t_o_rel_err"] = rel(t_o, ref, n)
+                    del t_o
                     torch.cuda.empty_cache()
                 del ref
             rows.append(row)
@@ -128,7 +154,7 @@ def print_row(row):
 
 
 def print_table(card, rows):
-    names = ["sdpa_fwd", "ours", "ours_raw", "jfa", "math"]
+    names = ["sdpa_fwd", "ours", "ours_funcjvp", "ours_raw", "jfa", "jfa_funcjvp", "math"]
     print(f"\n{card}: ms | fwd-TFLOP/s | x sdpa_fwd | extra MB | t_o rel err vs fp32")
     print(f"{'L':>6} {'D':>4} {'B':>4} " + " ".join(f"{n:>34}" for n in names))
     for r in rows:
@@ -195,18 +221,10 @@ def memory_series(args):
         xs = make_inputs(1, 16, L, 64, torch.bfloat16, seed=L)
         row = dict(L=L, B=1, H=16, D=64)
         with torch.no_grad():
-            for name, fn in candidates(*xs).items():
-                if name == "math" and L > args.math_max_len:
+            for name, (fn, dual) in candidates(*xs).items():
+                if name == "math" and L > args.math_max_len or name.endswith(("_funcjvp", "_raw")):
                     continue
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    row[name + "_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                except torch.OutOfMemoryError:
-                    row[name + "_mb"] = "OOM"
+                row[name + "_mb"] = measure(fn, dual, xs)[1]
                 torch.cuda.empty_cache()
         print("memory", json.dumps(row), flush=True)
         rows.append(row)
