@@ -109,11 +109,25 @@ def rel(x, ref, n):
     return ((x - ref).norm() / ref.norm()).item()
 
 
+def ceilings():
+    """Measured ceilings (METHOD.md): bf16 matrix product rate and device-to-device copy."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    x = torch.randn(2**28, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    ms_copy = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    c = dict(bf16_matmul_tflops=2 * 8192**3 / ms / 1e9, copy_tb_s=2 * x.numel() * 4 / ms_copy / 1e9)
+    print(f"ceilings: bf16 8192^3 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
+          f"copy {c['copy_tb_s']:.2f} TB/s (read + write)", flush=True)
+    return c
+
+
 def bench(args):
     torch.backends.cuda.matmul.allow_tf32 = False
     card = torch.cuda.get_device_name()
     rows = []
     print(f"card: {card}, torch {torch.__version__}, triton {triton.__version__}, bf16, H = 16")
+    ceil = ceilings()
     for D in args.dims:
         for L in args.lengths:
             H = 16
@@ -146,7 +160,7 @@ def bench(args):
             json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__,
                            dtype="bfloat16", time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                            configs={D: A._default_config(D, torch.bfloat16) for D in args.dims},
-                           rows=rows, memory_series=mem_rows), f, indent=1)
+                           ceilings=ceil, rows=rows, memory_series=mem_rows), f, indent=1)
 
 
 def print_row(row):
@@ -179,7 +193,8 @@ def sweep(args):
                     (128, 32, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2), (64, 32, 4, 4),
                     (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)],
                128: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3),
-                     (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 1), (128, 32, 4, 2)]}
+                     (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 1), (128, 32, 4, 2),
+                     (128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 8, 2)]}
     results = []
     for D in args.dims:
         B = max(1, args.elements // (16 * L * D))

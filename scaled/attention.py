@@ -61,8 +61,11 @@ if triton is not None:
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # One grid axis (no 65535 limit on B*H); query blocks of one head run next to each
+        # other, so their shared k, v, t_k, t_v stay in L2.
+        num_m = tl.cdiv(Lq, BLOCK_M)
+        pid_m = tl.program_id(0) % num_m
+        pid_bh = tl.program_id(0) // num_m
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -182,7 +185,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpret else "ieee"
     else:
         precision = "tf32"  # ignored for 16-bit operands
-    grid = (triton.cdiv(Lq, BLOCK_M), B * H)
+    grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
     strides = [s for x in (q, k, v, t_q, t_k, t_v, o, t_o) for s in x.stride()[:3]]
     _kernel(interpret)[grid](
         q, k, v, t_q, t_k, t_v, o, t_o, *strides, H, Lq, Lk, D ** -0.5,
