@@ -68,8 +68,8 @@ def pf_ode_velocity(net, x_t, t):
     return SIGMA_D * net(x_t / SIGMA_D, t)
 
 
-# Exact move from t to s under a constant F (DDIM in TrigFlow; Sec. 3):
-# x_s = cos(t - s) x_t - sin(t - s) sigma_d F.
+# DDIM in TrigFlow (Sec. 3): the move from t to s that keeps the model's predictions of x0 and z
+# fixed, x_s = cos(t - s) x_t - sin(t - s) sigma_d F. First order as an ODE solver.
 def ddim_step(x_t, t, s, F):
     dt = _bcast(t - s, x_t)
     return torch.cos(dt) * x_t - torch.sin(dt) * SIGMA_D * F
@@ -156,7 +156,7 @@ class ResidualBlock(nn.Module):
 class ToyMLP(nn.Module):
     """Residual MLP for points [B, D] conditioned on t; the 2D network of this file."""
 
-    def __init__(self, dim=2, width=256, depth=4, emb_dim=64, max_freq=32.0, dropout=0.0):
+    def __init__(self, dim=2, width=128, depth=3, emb_dim=64, max_freq=32.0, dropout=0.0):
         super().__init__()
         self.embed = TimeEmbedding(emb_dim, max_freq)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
@@ -396,29 +396,34 @@ def make_student(teacher):
 #----------------------------------------------------------------------------
 # Configuration and the main job.
 
+def option(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class ToyConfig:
-    data: str = dataclasses.field(default="8gaussians", metadata={"help": "built-in distribution name, or a .npy file of shape [N, 2]"})
-    out: str = dataclasses.field(default="out/toy", metadata={"help": "output folder"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed for data, initialization, training and sampling"})
-    teacher_steps: int = dataclasses.field(default=6000, metadata={"help": "teacher (diffusion) iterations"})
-    student_steps: int = dataclasses.field(default=2000, metadata={"help": "iterations for each of sCD and sCT"})
-    batch_size: int = dataclasses.field(default=512, metadata={"help": "batch size of every phase"})
-    teacher_lr: float = dataclasses.field(default=1e-3, metadata={"help": "teacher Adam learning rate"})
-    student_lr: float = dataclasses.field(default=1e-4, metadata={"help": "student Adam learning rate"})
-    ema_decay: float = dataclasses.field(default=0.999, metadata={"help": "EMA decay (with torch-ema's warm-up)"})
-    width: int = dataclasses.field(default=256, metadata={"help": "MLP width"})
-    depth: int = dataclasses.field(default=4, metadata={"help": "number of residual blocks"})
-    teacher_P_mean: float = dataclasses.field(default=-0.8, metadata={"help": "teacher time proposal: mean of log sigma"})
-    teacher_P_std: float = dataclasses.field(default=1.6, metadata={"help": "teacher time proposal: std of log sigma"})
-    P_mean: float = dataclasses.field(default=-1.0, metadata={"help": "student time proposal: mean of log sigma"})
-    P_std: float = dataclasses.field(default=1.4, metadata={"help": "student time proposal: std of log sigma"})
-    warmup_steps: int = dataclasses.field(default=500, metadata={"help": "tangent warm-up iterations H"})
-    tangent_c: float = dataclasses.field(default=0.1, metadata={"help": "tangent normalization constant c"})
-    t_mid: float = dataclasses.field(default=1.1, metadata={"help": "intermediate time of 2-step sampling"})
-    teacher_sample_steps: int = dataclasses.field(default=100, metadata={"help": "teacher ODE steps for sampling"})
-    n_samples: int = dataclasses.field(default=20000, metadata={"help": "samples per sampler (and per reference draw)"})
-    dry_run: bool = dataclasses.field(default=False, metadata={"help": "print the resolved configuration and exit"})
+    data: str = option("8gaussians", "built-in distribution name, or a .npy file of shape [N, 2]")
+    out: str = option("out/toy", "output folder")
+    seed: int = option(0, "seed for data, initialization, training and sampling")
+    teacher_steps: int = option(4000, "teacher (diffusion) iterations")
+    student_steps: int = option(2000, "iterations for each of sCD and sCT")
+    batch_size: int = option(512, "batch size of every phase")
+    teacher_lr: float = option(1e-3, "teacher Adam learning rate")
+    student_lr: float = option(1e-4, "student Adam learning rate")
+    ema_decay: float = option(0.999, "EMA decay (with torch-ema's warm-up)")
+    width: int = option(128, "MLP width")
+    depth: int = option(3, "number of residual blocks")
+    teacher_P_mean: float = option(-0.8, "teacher time proposal: mean of log sigma")
+    teacher_P_std: float = option(1.6, "teacher time proposal: std of log sigma")
+    P_mean: float = option(-1.0, "student time proposal: mean of log sigma")
+    P_std: float = option(1.4, "student time proposal: std of log sigma")
+    warmup_steps: int = option(500, "tangent warm-up iterations H")
+    tangent_c: float = option(0.1, "tangent normalization constant c")
+    t_mid: float = option(1.1, "intermediate time of 2-step sampling")
+    teacher_sample_steps: int = option(100, "teacher ODE steps for sampling")
+    teacher_solver: str = option("heun", "teacher ODE solver: heun (2 evaluations a step), euler or ddim")
+    n_samples: int = option(20000, "samples per sampler (and per reference draw)")
+    dry_run: bool = option(False, "print the resolved configuration and exit")
 
 
 def validate(cfg):
@@ -432,7 +437,8 @@ def validate(cfg):
               (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
               (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
               (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
-              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})")]
+              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})"),
+              (cfg.teacher_solver in ("heun", "euler", "ddim"), "--teacher-solver must be heun, euler or ddim")]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
@@ -465,7 +471,7 @@ def run(cfg):
 
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     z = torch.randn(cfg.n_samples, data.shape[1], generator=generator) * SIGMA_D
-    samples = {"teacher": sample_teacher(teacher, z, teacher_times(cfg.teacher_sample_steps))}
+    samples = {"teacher": sample_teacher(teacher, z, teacher_times(cfg.teacher_sample_steps), cfg.teacher_solver)}
     for kind, student in students.items():
         for n_steps in (1, 2):
             samples[f"{kind}-{n_steps}step"] = sample_consistency(
