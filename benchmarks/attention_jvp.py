@@ -221,7 +221,7 @@ def sweep(args):
             for key, kern in dev_cache[0].items():
                 md = kern.metadata
                 print(f"compiled: warps={md.num_warps} stages={md.num_stages} shared={md.shared} "
-                      f"regs={kern.n_regs} spills={kern.n_spills}")
+                      f"regs={getattr(kern, 'n_regs', '?')} spills={getattr(kern, 'n_spills', '?')}")
     except Exception as e:
         print("no register report:", e)
     if args.out:

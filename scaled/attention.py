@@ -198,7 +198,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
 def kernel_supported(q, k, v):
     """Whether the Triton kernel can compute this call's JVP (else: math path)."""
     on_device = q.is_cuda or (INTERPRET_ON_CPU and q.device.type == "cpu")
-    return (triton is not None and on_device and q.dim() == 4
+    return (triton is not None and on_device and q.dim() == k.dim() == v.dim() == 4
             and q.shape[-1] in HEAD_DIMS and k.shape[-1] == q.shape[-1] == v.shape[-1]
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
