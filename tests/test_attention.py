@@ -2,19 +2,14 @@
 math attention in float64. Kernel tests run in Triton's CPU interpreter where Triton is
 installed, and natively on a CUDA GPU where there is one."""
 import os
-import sys
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "triton" not in sys.modules:
-    # Triton reads this when first imported; its own library functions then interpret too.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from scaled import attention as A
 
-import torch.autograd.forward_ad as fwAD  # noqa: E402
-
-from scaled import attention as A  # noqa: E402
+HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest.py has set TRITON_INTERPRET=1
 
 HAS_TRITON = A.triton is not None
 
@@ -24,7 +19,7 @@ def _interpreter_ready():
         return False, "Triton is not installed"
     from triton.runtime.interpreter import InterpretedFunction
     if not isinstance(A.triton.language.standard.sum, InterpretedFunction):
-        return False, "triton was imported before TRITON_INTERPRET=1 was set (run this file alone)"
+        return False, "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
     return True, ""
 
 
