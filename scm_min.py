@@ -208,6 +208,19 @@ class TeacherLoss:
         return error * torch.exp(-logvar) + logvar, {}
 
 
+def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1):
+    """Per-sample mean((F_theta - F^- - g)^2) before adaptive weighting, and ||g|| before
+    normalization. F^- and g come from the same net without gradient (the stop-gradient student);
+    tangent_c=None turns tangent normalization off."""
+    with torch.no_grad():
+        F_minus, g = scm_target(net, x_t, t, dxt_dt, r)
+        g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
+        if tangent_c is not None:
+            g = normalize_tangent(g, tangent_c)
+    F_theta = net(x_t / SIGMA_D, t)
+    return _mean_over_dims((F_theta - F_minus - g) ** 2), g_norm
+
+
 class SCMLoss:
     """sCM loss (Sec. 4.2, Eq. 8): mean((F_theta - F^- - g)^2) exp(-logvar) + logvar, where g comes
     from one JVP of the stop-gradient student. `teacher=None` gives sCT (dx_t/dt from the data pair);
@@ -233,18 +246,6 @@ class SCMLoss:
         logvar = self.logvar(t)
         return error * torch.exp(-logvar) + logvar, {"g_norm": g_norm.mean().item()}
 
-
-def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1):
-    """Per-sample mean((F_theta - F^- - g)^2) before adaptive weighting, and ||g|| before
-    normalization. F^- and g come from the same net without gradient (the stop-gradient student);
-    tangent_c=None turns tangent normalization off."""
-    with torch.no_grad():
-        F_minus, g = scm_target(net, x_t, t, dxt_dt, r)
-        g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
-        if tangent_c is not None:
-            g = normalize_tangent(g, tangent_c)
-    F_theta = net(x_t / SIGMA_D, t)
-    return _mean_over_dims((F_theta - F_minus - g) ** 2), g_norm
 
 #----------------------------------------------------------------------------
 # Samplers: sample_x(net, z, ts, ...) with z ~ N(0, SIGMA_D^2 I) and a decreasing list of times.
@@ -585,7 +586,7 @@ def main(argv=None):
             return 0
         samples, metrics, histories, reference = run(cfg)
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, always
         return 2
     write_outputs(cfg, samples, metrics, histories, reference)
     sw = metrics["sliced_wasserstein"]
