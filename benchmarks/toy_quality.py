@@ -61,9 +61,8 @@ def plot_overview(path, thumbnails, results):
             ax.set_ylim(-lim, lim)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"SW {results[name]['sliced_wasserstein'][sampler]:.4f}", fontsize=7)
-            if row == 0:
-                ax.text(0.5, 1.25, sampler, transform=ax.transAxes, ha="center", fontsize=9)
+            title = f"SW {results[name]['sliced_wasserstein'][sampler]:.4f}"
+            ax.set_title(f"{sampler}\n{title}" if row == 0 else title, fontsize=7)
             if col == 0:
                 ax.set_ylabel(name, fontsize=9)
     fig.suptitle("Default toy recipe on every distribution (sliced Wasserstein-1 to fresh data above each panel)",
