@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -567,7 +568,7 @@ def write_outputs(cfg, samples, metrics, histories, reference):
         _atomic_write(os.path.join(cfg.out, "samples", f"{name}.npy"), lambda p, x=x: np.save(p, x))
     with_config = {**metrics, "config": dataclasses.asdict(cfg)}
     _atomic_write(os.path.join(cfg.out, "metrics.json"),
-                  lambda p: open(p, "w").write(json.dumps(with_config, indent=2) + "\n"))
+                  lambda p: pathlib.Path(p).write_text(json.dumps(with_config, indent=2) + "\n"))
     _atomic_write(os.path.join(cfg.out, "toy.png"), lambda p: plot_toy(p, reference, samples, metrics, histories))
 
 #----------------------------------------------------------------------------
