@@ -128,11 +128,11 @@ def pixel_norm(x, eps=1e-4):
 
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of c_noise(t) = t (Sec. 4.1): no x1000 scaling, frequencies 1..max_freq.
-    The sCM target contains sin(t) dF/dt, which grows with the highest frequency: on the toy data
-    max_freq = 32 made the students' 1-step samples about twice as far from the data as 4
-    (benchmarks/results/toy_quality_notes.md)."""
+    The sCM target contains sin(t) dF/dt, which grows with the highest frequency; too few
+    frequencies starve the teacher instead (max_freq = 4 turned its rings into a blob; see
+    benchmarks/results/toy_quality_notes.md)."""
 
-    def __init__(self, dim, max_freq=4.0):
+    def __init__(self, dim, max_freq=32.0):
         super().__init__()
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), dim // 2)))
 
@@ -160,7 +160,7 @@ class ResidualBlock(nn.Module):
 class ToyMLP(nn.Module):
     """Residual MLP for points [B, D] conditioned on t; the 2D network of this file."""
 
-    def __init__(self, dim=2, width=128, depth=3, emb_dim=64, max_freq=4.0, dropout=0.0):
+    def __init__(self, dim=2, width=128, depth=3, emb_dim=64, max_freq=32.0, dropout=0.0):
         super().__init__()
         self.embed = TimeEmbedding(emb_dim, max_freq)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
@@ -365,10 +365,10 @@ def load_data(name_or_path, n, seed):
 #----------------------------------------------------------------------------
 # Training: the loop reduces the per-sample loss, steps the optimizer and updates the EMA.
 
-def train(net, loss_fn, data, steps, batch_size, lr, ema_decay, seed, lr_decay=True, desc="train"):
+def train(net, loss_fn, data, steps, batch_size, lr, ema_decay, seed, lr_decay=False, desc="train"):
     """Train `net` on rows of `data` [N, D] (model units); returns (EMA copy of net, history).
-    lr_decay: cosine decay of the learning rate to 0 over `steps` (else constant). Short runs
-    end with less noise in the weights with it (benchmarks/results/toy_quality_notes.md)."""
+    lr_decay: cosine decay of the learning rate to 0 over `steps` instead of a constant rate
+    (the raw weights end less noisy; see benchmarks/results/toy_quality_notes.md)."""
     generator = torch.Generator().manual_seed(seed)
     params = [*net.parameters(), *loss_fn.logvar.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
@@ -419,8 +419,8 @@ class ToyConfig:
     student_steps: int = option(2000, "iterations for each of sCD and sCT")
     batch_size: int = option(512, "batch size of every phase")
     teacher_lr: float = option(1e-3, "teacher Adam learning rate")
-    student_lr: float = option(2e-4, "student Adam learning rate")
-    constant_lr: bool = option(False, "keep learning rates constant instead of a cosine decay to 0")
+    student_lr: float = option(1e-4, "student Adam learning rate")
+    lr_decay: bool = option(False, "cosine decay of every learning rate to 0 instead of constant rates")
     ema_decay: float = option(0.999, "EMA decay (with torch-ema's warm-up)")
     width: int = option(128, "MLP width")
     depth: int = option(3, "number of residual blocks")
@@ -469,7 +469,7 @@ def run(cfg):
     net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth)
     teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
                                           cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_decay,
-                                          cfg.seed, lr_decay=not cfg.constant_lr, desc="teacher")
+                                          cfg.seed, lr_decay=cfg.lr_decay, desc="teacher")
     timings["teacher"] = time.perf_counter() - start
     students = {}
     for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
@@ -477,7 +477,7 @@ def run(cfg):
         loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c)
         students[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
                                                 cfg.batch_size, cfg.student_lr, cfg.ema_decay,
-                                                cfg.seed + 1, lr_decay=not cfg.constant_lr, desc=kind)
+                                                cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind)
         timings[kind] = time.perf_counter() - start
 
     generator = torch.Generator().manual_seed(cfg.seed + 2)
