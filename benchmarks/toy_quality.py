@@ -30,9 +30,9 @@ import toy_data  # noqa: E402
 SAMPLERS = ["teacher", "scd-1step", "scd-2step", "sct-1step", "sct-2step"]
 
 
-def run_one(name, threads, out, overrides):
+def run_one(base_cfg, name, threads, out):
     torch.set_num_threads(threads)
-    cfg = scm_min.ToyConfig(data=name, out=os.path.join(out, name), **overrides)
+    cfg = dataclasses.replace(base_cfg, data=name, out=os.path.join(out, name))
     start = time.perf_counter()
     samples, metrics, histories, reference = scm_min.run(cfg)
     seconds = time.perf_counter() - start
@@ -79,20 +79,23 @@ def main():
     parser.add_argument("--runs-out", default="out/toy_quality", help="folder for each run's own outputs")
     parser.add_argument("--only", nargs="*", default=list(toy_data.DISTRIBUTIONS), help="distributions to run")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="override ToyConfig fields (for experiments; the committed results use none)")
+                        help="scm_min.py options without their dashes, e.g. student_steps=4000 (for "
+                             "experiments; the committed results use none)")
     args = parser.parse_args()
-    fields = {f.name: f.type for f in dataclasses.fields(scm_min.ToyConfig)}
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key] = {"int": int, "float": float, "str": str}[fields[key]](value)
-    if overrides.get("n_samples", scm_min.ToyConfig.n_samples) < 20_000:
+    # The options go through scm_min's own command line, so they are parsed and checked alike.
+    options = [item.split("=", 1) for item in args.set]
+    base_cfg = scm_min.parse_args([f"--{key.replace('_', '-')}={value}" for key, value in options])
+    try:
+        scm_min.validate(base_cfg)
+    except scm_min.InputError as error:
+        sys.exit(f"error: {error}")
+    if base_cfg.n_samples < 20_000:
         sys.exit("error: the benchmark measures with at least 20000 samples")
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results, thumbnails = {}, {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, name, threads, args.runs_out, overrides) for name in args.only]
+        futures = [pool.submit(run_one, base_cfg, name, threads, args.runs_out) for name in args.only]
         for future in concurrent.futures.as_completed(futures):
             name, result, thumbnails[name] = future.result()
             results[name] = result
@@ -114,7 +117,7 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     report = {"metric": "sliced Wasserstein-1 to a fresh data draw, model units (std 0.5), lower is better",
-              "config": dataclasses.asdict(scm_min.ToyConfig(**overrides)),
+              "config": {k: v for k, v in dataclasses.asdict(base_cfg).items() if k not in ("data", "out")},
               "machine": {"cpu_count": os.cpu_count(), "jobs": args.jobs, "threads_per_job": threads,
                           "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
               "results": results}
