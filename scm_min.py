@@ -518,7 +518,7 @@ def _atomic_write(path, write):
 PHASE_COLORS = {"data": "k", "teacher": "C0", "scd": "C1", "sct": "C2"}
 
 
-def plot_toy(path, reference, samples, metrics, histories):
+def plot_toy(path, reference, samples, metrics, histories, teacher_steps):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -550,7 +550,7 @@ def plot_toy(path, reference, samples, metrics, histories):
         if key != "loss":
             ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.suptitle(f"sCM on {metrics['data']}: data, 100-step teacher and 1/2-step students", fontsize=11)
+    fig.suptitle(f"sCM on {metrics['data']}: data, {teacher_steps}-step teacher and 1/2-step students", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -569,7 +569,8 @@ def write_outputs(cfg, samples, metrics, histories, reference):
     with_config = {**metrics, "config": dataclasses.asdict(cfg)}
     _atomic_write(os.path.join(cfg.out, "metrics.json"),
                   lambda p: pathlib.Path(p).write_text(json.dumps(with_config, indent=2) + "\n"))
-    _atomic_write(os.path.join(cfg.out, "toy.png"), lambda p: plot_toy(p, reference, samples, metrics, histories))
+    _atomic_write(os.path.join(cfg.out, "toy.png"),
+                  lambda p: plot_toy(p, reference, samples, metrics, histories, cfg.teacher_sample_steps))
 
 #----------------------------------------------------------------------------
 # Command line, generated from ToyConfig.
