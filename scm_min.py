@@ -231,7 +231,7 @@ class SCMLoss:
     a teacher network gives sCD (dx_t/dt = sigma_d F_teacher). Its theta-gradient is that of the
     continuous-time CM objective with weight 1 / (sigma_d tan t) (Sec. 4, Eq. 6 to 8)."""
 
-    def __init__(self, teacher=None, P_mean=-1.0, P_std=1.4, warmup_steps=1000, tangent_c=0.1):
+    def __init__(self, teacher=None, P_mean=-1.0, P_std=1.4, warmup_steps=500, tangent_c=0.1):
         self.teacher = teacher
         self.P_mean, self.P_std = P_mean, P_std
         self.warmup_steps, self.tangent_c = warmup_steps, tangent_c
@@ -255,6 +255,8 @@ class SCMLoss:
 # Samplers: sample_x(net, z, ts, ...) with z ~ N(0, SIGMA_D^2 I) and a decreasing list of times.
 
 # Teacher schedule: EDM's rho = 7 noise levels (Karras et al. 2022) in TrigFlow time, then t = 0.
+# As in EDM, the last of the n_steps goes from sigma_min to 0 and moves almost nothing: for a
+# handful of steps, an even grid such as np.linspace(T_MAX, 0, n + 1) uses them better.
 def teacher_times(n_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64)
     sigma = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
