@@ -50,9 +50,10 @@ def marked_blocks(source, where="cell"):
     return blocks
 
 
-def student_source(source, cell_type, where="cell"):
+def student_source(source, cell_type, blocks):
+    """`source` with its marked `blocks` (from marked_blocks) replaced or removed."""
     lines = source.split("\n")
-    for kind, first, last in reversed(marked_blocks(source, where)):
+    for kind, first, last in reversed(blocks):
         indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
         if kind == "HIDDEN TESTS":
             replacement = []
@@ -71,9 +72,10 @@ def student_notebook(notebook):
     for index, cell in enumerate(notebook["cells"]):
         cell = dict(cell)
         source = source_of(cell)
-        for kind, _, _ in marked_blocks(source, f"cell {index}"):
+        blocks = marked_blocks(source, f"cell {index}")
+        for kind, _, _ in blocks:
             counts[kind] += 1
-        cell["source"] = student_source(source, cell["cell_type"], f"cell {index}")
+        cell["source"] = student_source(source, cell["cell_type"], blocks)
         if cell["cell_type"] == "code":
             cell["outputs"], cell["execution_count"] = [], None
         cells.append(cell)
