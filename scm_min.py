@@ -11,6 +11,7 @@ student, trains an sCT student from the same start, and writes samples, metrics 
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,7 +23,6 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch_ema import ExponentialMovingAverage
 from tqdm import tqdm
 
 import toy_data
@@ -96,17 +96,28 @@ def consistency_tangent(net, x_t, t, dxt_dt):
     return F, df_dt
 
 
-# The sCM training target g = cos(t) df/dt with the tangent warm-up factor r on the second term
-# (Sec. 4.2, Eq. 8, Algorithm 1). The JVP's tangents carry the factor cos(t) sin(t) so that the
-# tangent stays small near t = 0 and t = pi/2; sigma_d is applied exactly once.
-def scm_target(net, x_t, t, dxt_dt, r=1.0):
-    """(F^-, g) for the stop-gradient network `net`; call under torch.no_grad()."""
+# The JVP pass of the sCM target (Sec. 4.2, Eq. 8, Algorithm 1): F(x_t / sigma_d, t) and its
+# derivative along (dx_t/dt, 1), both tangents multiplied by cos(t) sin(t) so that the result stays
+# small near t = 0 and t = pi/2 (half precision overflows otherwise); sigma_d is applied exactly once.
+# `jvp(fn, primals, tangents) -> (output, output tangent)` is torch.func.jvp or any function with
+# its signature (a JVP that works block by block under FSDP, say).
+def scm_jvp(net, x_t, t, dxt_dt, jvp=torch.func.jvp):
+    """(F, cos(t) sin(t) dF/dt) for the network `net`; call under torch.no_grad()."""
     cos_sin_t = torch.cos(t) * torch.sin(t)
-    F, cos_sin_dF_dt = torch.func.jvp(
-        net, (x_t / SIGMA_D, t), (_bcast(cos_sin_t, x_t) * dxt_dt / SIGMA_D, cos_sin_t))
-    cos_t, cos_sin_t = _bcast(torch.cos(t), x_t), _bcast(cos_sin_t, x_t)
-    g = -cos_t ** 2 * (SIGMA_D * F - dxt_dt) - r * (cos_sin_t * x_t + SIGMA_D * cos_sin_dF_dt)
-    return F, g
+    return jvp(net, (x_t / SIGMA_D, t), (_bcast(cos_sin_t, x_t) * dxt_dt / SIGMA_D, cos_sin_t))
+
+
+# The sCM training target g = cos(t) df/dt with the tangent warm-up factor r on the second term
+# (Sec. 4.2, Eq. 8, Algorithm 1), from F^- and the JVP pass's cos(t) sin(t) dF^-/dt.
+def scm_g(F_minus, cos_sin_dF_dt, x_t, t, dxt_dt, r=1.0):
+    cos_t, cos_sin_t = _bcast(torch.cos(t), x_t), _bcast(torch.cos(t) * torch.sin(t), x_t)
+    return -cos_t ** 2 * (SIGMA_D * F_minus - dxt_dt) - r * (cos_sin_t * x_t + SIGMA_D * cos_sin_dF_dt)
+
+
+def scm_target(net, x_t, t, dxt_dt, r=1.0, jvp=torch.func.jvp):
+    """(F^-, g) for the stop-gradient network `net` from one JVP pass; call under torch.no_grad()."""
+    F, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt, jvp)
+    return F, scm_g(F, cos_sin_dF_dt, x_t, t, dxt_dt, r)
 
 
 # Tangent normalization g <- g / (||g|| + c), ||.|| the L2 norm over one sample (Sec. 4.2).
@@ -190,7 +201,10 @@ class AdaptiveWeight(nn.Module):
         return self.linear(self.embed(t)).squeeze(1)  # [B]
 
 #----------------------------------------------------------------------------
-# Losses: loss(net, x0, step) -> (per-sample loss [B], logs). The training loop reduces them.
+# Losses: loss(net, x0, step, **cond) -> (per-sample loss [B], logs). The training loop reduces
+# them. `cond` (class labels, a guidance scale) goes to every network call unchanged.
+# `logvar(t)` is the adaptive-weighting head: a module of the loss's own by default, or one that
+# lives inside the network (the scaled package's nets carry theirs).
 
 def _mean_over_dims(x):
     return x.flatten(1).mean(dim=1)
@@ -199,29 +213,34 @@ def _mean_over_dims(x):
 class TeacherLoss:
     """TrigFlow diffusion loss ||sigma_d F_theta - v_t||^2 / sigma_d^2 with adaptive weighting (Sec. 3, 4.2)."""
 
-    def __init__(self, P_mean=-0.8, P_std=1.6):
+    def __init__(self, P_mean=-0.8, P_std=1.6, logvar=None):
         self.P_mean, self.P_std = P_mean, P_std
-        self.logvar = AdaptiveWeight()
+        self.logvar = AdaptiveWeight() if logvar is None else logvar
 
-    def __call__(self, net, x0, step):
+    def __call__(self, net, x0, step, **cond):
         t = sample_time(len(x0), self.P_mean, self.P_std, device=x0.device, dtype=x0.dtype)
         z = torch.randn_like(x0) * SIGMA_D
-        F = net(trigflow_interpolate(x0, z, t) / SIGMA_D, t)
+        F = net(trigflow_interpolate(x0, z, t) / SIGMA_D, t, **cond)
         error = _mean_over_dims((F - trigflow_velocity(x0, z, t) / SIGMA_D) ** 2)
         logvar = self.logvar(t)
         return error * torch.exp(-logvar) + logvar, {}
 
 
-def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1):
+def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1, jvp=torch.func.jvp):
     """Per-sample mean((F_theta - F^- - g)^2) before adaptive weighting, and ||g|| before
-    normalization. F^- and g come from the same net without gradient (the stop-gradient student);
+    normalization. The JVP pass runs without gradient, then one forward with gradient gives F_theta;
+    F^- is that forward's output, detached: with dropout the JVP pass draws another mask, and an F^-
+    taken from it would make F_theta - F^- nonzero at theta = theta^-.
     tangent_c=None turns tangent normalization off."""
     with torch.no_grad():
-        F_minus, g = scm_target(net, x_t, t, dxt_dt, r)
+        _, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt, jvp)
+    F_theta = net(x_t / SIGMA_D, t)
+    F_minus = F_theta.detach()
+    with torch.no_grad():
+        g = scm_g(F_minus, cos_sin_dF_dt, x_t, t, dxt_dt, r)
         g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
         if tangent_c is not None:
             g = normalize_tangent(g, tangent_c)
-    F_theta = net(x_t / SIGMA_D, t)
     return _mean_over_dims((F_theta - F_minus - g) ** 2), g_norm
 
 
@@ -231,24 +250,29 @@ class SCMLoss:
     a teacher network gives sCD (dx_t/dt = sigma_d F_teacher). Its theta-gradient is that of the
     continuous-time CM objective with weight 1 / (sigma_d tan t) (Sec. 4, Eq. 6 to 8)."""
 
-    def __init__(self, teacher=None, P_mean=-1.0, P_std=1.4, warmup_steps=500, tangent_c=0.1):
+    def __init__(self, teacher=None, P_mean=-1.0, P_std=1.4, warmup_steps=500, tangent_c=0.1,
+                 logvar=None, jvp=torch.func.jvp):
         self.teacher = teacher
         self.P_mean, self.P_std = P_mean, P_std
         self.warmup_steps, self.tangent_c = warmup_steps, tangent_c
-        self.logvar = AdaptiveWeight()
+        self.logvar = AdaptiveWeight() if logvar is None else logvar
+        self.jvp = jvp
 
-    def __call__(self, net, x0, step):
+    def __call__(self, net, x0, step, **cond):
         t = sample_time(len(x0), self.P_mean, self.P_std, device=x0.device, dtype=x0.dtype)
         z = torch.randn_like(x0) * SIGMA_D
         x_t = trigflow_interpolate(x0, z, t)
+        if cond:
+            net = functools.partial(net, **cond)
         with torch.no_grad():
             if self.teacher is None:
                 dxt_dt = trigflow_velocity(x0, z, t)
             else:
-                dxt_dt = pf_ode_velocity(self.teacher, x_t, t)
-        error, g_norm = scm_objective(net, x_t, t, dxt_dt, tangent_warmup(step, self.warmup_steps), self.tangent_c)
+                dxt_dt = pf_ode_velocity(functools.partial(self.teacher, **cond), x_t, t)
+        r = tangent_warmup(step, self.warmup_steps)
+        error, g_norm = scm_objective(net, x_t, t, dxt_dt, r, self.tangent_c, self.jvp)
         logvar = self.logvar(t)
-        return error * torch.exp(-logvar) + logvar, {"g_norm": g_norm.mean().item()}
+        return error * torch.exp(-logvar) + logvar, {"g_norm": g_norm.mean()}
 
 
 #----------------------------------------------------------------------------
@@ -367,19 +391,82 @@ def load_data(name_or_path, n, seed):
 #----------------------------------------------------------------------------
 # Training: the loop reduces the per-sample loss, steps the optimizer and updates the EMA.
 
-def train(net, loss_fn, data, steps, batch_size, lr, ema_decay, seed, lr_decay=False, desc="train"):
+# Power-function EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
+# Diffusion Models", Sec. 3.1): after n updates the average weighs step i like i^gamma, so its
+# length grows with training; sigma_rel is the width of that profile relative to the training
+# length, beta_n = (1 - 1/n)^(gamma + 1), and gamma solves
+# sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (the largest root of the cubic).
+def power_ema_gamma(sigma_rel):
+    inv = sigma_rel ** -2
+    return float(np.roots([1, 7, 16 - inv, 12 - inv]).real.max())
+
+
+class PowerEMA:
+    """An EMA copy of a network with the power-function profile; `net` is the averaged network."""
+
+    def __init__(self, net, sigma_rel):
+        self.gamma = power_ema_gamma(sigma_rel)
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, source):
+        self.num_updates += 1
+        beta = (1 - 1 / self.num_updates) ** (self.gamma + 1)  # 0 at the first update: a copy
+        for p_ema, p in zip(self.net.parameters(), source.parameters()):
+            p_ema.lerp_(p.detach(), 1 - beta)
+        for b_ema, b in zip(self.net.buffers(), source.buffers()):
+            b_ema.copy_(b)
+
+
+class Progress:
+    """Progress of a training phase: a tqdm bar in a terminal; otherwise (stderr redirected to a
+    file) a plain line every `interval` seconds. Each of those lines also goes to `log_path`."""
+
+    def __init__(self, total, phase, log_path=None, interval=5.0):
+        self.total, self.phase, self.log_path, self.interval = total, phase, log_path, interval
+        self.bar = tqdm(total=total, desc=phase, mininterval=1.0) if sys.stderr.isatty() else None
+        self.start = self.last = time.perf_counter()
+
+    def update(self, step, **values):
+        """Call once per finished step (0-based) with the values to show (floats)."""
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+        if now - self.last < self.interval and step + 1 < self.total:
+            return
+        self.last = now
+        rate = (step + 1) / max(now - self.start, 1e-9)
+        eta = (self.total - step - 1) / rate
+        shown = " ".join(f"{name} {value:.4g}" for name, value in values.items())
+        line = (f"{self.phase} {step + 1}/{self.total} {shown} {rate:.1f} it/s "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(shown)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        if self.log_path:
+            with open(self.log_path, "a") as log:
+                log.write(line + "\n")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_decay=False, desc="train",
+          log_path=None):
     """Train `net` on rows of `data` [N, D] (model units); returns (EMA copy of net, history).
-    lr_decay: cosine decay of the learning rate to 0 over `steps` instead of a constant rate
-    (the raw weights end less noisy; see benchmarks/results/toy_quality_notes.md)."""
+    lr_decay: cosine decay of the learning rate to 0 over `steps` instead of a constant rate."""
     generator = torch.Generator().manual_seed(seed)
     params = [*net.parameters(), *loss_fn.logvar.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)) if lr_decay else 1.0)
-    ema = ExponentialMovingAverage(net.parameters(), decay=ema_decay, use_num_updates=True)
+    ema = PowerEMA(net, ema_sigma_rel)
     history = {"loss": [], "grad_norm": [], "g_norm": []}
-    progress = tqdm(range(steps), desc=desc, mininterval=1.0, disable=None)
-    for step in progress:
+    progress = Progress(steps, desc, log_path)
+    for step in range(steps):
         x0 = data[torch.randint(len(data), (batch_size,), generator=generator)]
         loss, logs = loss_fn(net, x0, step)
         optimizer.zero_grad(set_to_none=True)
@@ -387,18 +474,15 @@ def train(net, loss_fn, data, steps, batch_size, lr, ema_decay, seed, lr_decay=F
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=float("inf"))
         optimizer.step()
         schedule.step()
-        ema.update()
+        ema.update(net)
         history["loss"].append(loss.mean().item())
         history["grad_norm"].append(grad_norm.item())
         if "g_norm" in logs:
-            history["g_norm"].append(logs["g_norm"])
-        if step % 100 == 0:
-            progress.set_postfix(loss=f"{history['loss'][-1]:.4f}", grad=f"{grad_norm.item():.3f}",
-                                 **({"g": f"{logs['g_norm']:.3f}"} if "g_norm" in logs else {}))
-    ema_net = copy.deepcopy(net).eval()
-    with torch.no_grad():  # torch-ema keeps non-leaf tensors if this runs with grad on (SCM_NOTES Sec. 7)
-        ema.copy_to(ema_net.parameters())
-    return ema_net.requires_grad_(False), history
+            history["g_norm"].append(logs["g_norm"].item())
+        progress.update(step, loss=history["loss"][-1], grad_norm=history["grad_norm"][-1],
+                        **({"g_norm": history["g_norm"][-1]} if "g_norm" in logs else {}))
+    progress.close()
+    return ema.net, history
 
 
 def make_student(teacher):
@@ -423,7 +507,7 @@ class ToyConfig:
     teacher_lr: float = option(1e-3, "teacher Adam learning rate")
     student_lr: float = option(1e-4, "student Adam learning rate")
     lr_decay: bool = option(False, "cosine decay of every learning rate to 0 instead of constant rates")
-    ema_decay: float = option(0.999, "EMA decay (with torch-ema's warm-up)")
+    ema_sigma_rel: float = option(0.09, "length of the power-function EMA relative to the phase (EDM2's sigma_rel)")
     width: int = option(128, "MLP width")
     depth: int = option(3, "number of residual blocks")
     teacher_P_mean: float = option(-0.8, "teacher time proposal: mean of log sigma")
@@ -446,7 +530,7 @@ def validate(cfg):
               (cfg.n_samples >= 2, "--n-samples must be at least 2"),
               (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
               (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
-              (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+              (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
               (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
               (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
               (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
@@ -470,7 +554,7 @@ def run(cfg):
     start = time.perf_counter()
     net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth)
     teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
-                                          cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_decay,
+                                          cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_sigma_rel,
                                           cfg.seed, lr_decay=cfg.lr_decay, desc="teacher")
     timings["teacher"] = time.perf_counter() - start
     students = {}
@@ -478,7 +562,7 @@ def run(cfg):
         start = time.perf_counter()
         loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c)
         students[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
-                                                cfg.batch_size, cfg.student_lr, cfg.ema_decay,
+                                                cfg.batch_size, cfg.student_lr, cfg.ema_sigma_rel,
                                                 cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind)
         timings[kind] = time.perf_counter() - start
 

@@ -94,7 +94,7 @@ def test_bad_data_file_gives_one_error_line_exit_2_and_writes_nothing(tmp_path, 
     (["--data", "nosuchdistribution"], "unknown distribution"),
     (["--teacher-steps", "0"], "at least 1"),
     (["--t-mid", "2.0"], "--t-mid"),
-    (["--ema-decay", "1.5"], "--ema-decay"),
+    (["--ema-sigma-rel", "0.5"], "--ema-sigma-rel"),
 ])
 def test_bad_options_give_one_error_line_exit_2_and_write_nothing(tmp_path, args, expected):
     out = tmp_path / "out"

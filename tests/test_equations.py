@@ -195,3 +195,39 @@ def test_discrete_cm_gradient_approaches_scm_gradient_as_dt_shrinks():
         relative_errors.append(((discrete - reference).norm() / reference.norm()).item())
     assert relative_errors[-1] < 1e-3, relative_errors
     assert relative_errors[0] > 5 * relative_errors[1] > 25 * relative_errors[2], relative_errors
+
+
+def test_F_minus_comes_from_the_gradient_pass_under_dropout():
+    # With dropout the JVP pass and the gradient pass draw different masks. F^- must be the
+    # gradient pass's output (detached), so that F_theta - F^- = 0 at theta = theta^- and the
+    # per-sample error is exactly mean(g^2) = ||g||^2 / D.
+    torch.manual_seed(0)
+    net = scm_min.ToyMLP(width=32, depth=2, dropout=0.5).train()
+    x0, z, t = (v.float() for v in random_batch(n=256))
+    x_t, dxt_dt = scm_min.trigflow_interpolate(x0, z, t), scm_min.trigflow_velocity(x0, z, t)
+    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=None)
+    torch.testing.assert_close(error, g_norm ** 2 / 2, rtol=1e-5, atol=1e-7)
+    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1)
+    torch.testing.assert_close(error, (g_norm / (g_norm + 0.1)) ** 2 / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.09, 0.2])
+def test_power_ema_weights_follow_the_power_profile_of_width_sigma_rel(sigma_rel):
+    # Feed the EMA the weights 1, 2, ..., n (one scalar): its value is sum_i w_i i, and the
+    # recurrence beta_i = (1 - 1/i)^(gamma+1) gives w_i = (1 - beta_i) (i / n)^(gamma+1) exactly.
+    net = nn.Linear(1, 1, bias=False).double()
+    ema = scm_min.PowerEMA(net, sigma_rel)
+    n = 3000
+    for i in range(1, n + 1):
+        net.weight.data.fill_(float(i))
+        ema.update(net)
+    gamma = ema.gamma
+    i = torch.arange(1, n + 1, dtype=F64)
+    beta = (1 - 1 / i) ** (gamma + 1)
+    w = (1 - beta) * (i / n) ** (gamma + 1)
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=F64))
+    torch.testing.assert_close(ema.net.weight.data.reshape(()), (w * i).sum(), rtol=1e-10, atol=0)
+    # The profile's width relative to the training length is sigma_rel (EDM2, Sec. 3.1).
+    mean = (w * i / n).sum()
+    torch.testing.assert_close(((w * (i / n - mean) ** 2).sum()).sqrt(), torch.tensor(sigma_rel, dtype=F64),
+                               rtol=2e-2, atol=0)

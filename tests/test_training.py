@@ -61,11 +61,11 @@ def test_students_move_and_beat_their_starting_point_in_one_step(kind):
     data = torch.as_tensor(toy_data.sample("8gaussians", 20_000, seed=0), dtype=torch.float32)
     reference = toy_data.sample("8gaussians", 4000, seed=1)
     teacher, _ = scm_min.train(scm_min.ToyMLP(width=48, depth=2), scm_min.TeacherLoss(), data,
-                               steps=400, batch_size=256, lr=2e-3, ema_decay=0.99, seed=0)
+                               steps=400, batch_size=256, lr=2e-3, ema_sigma_rel=0.09, seed=0)
     start = scm_min.make_student(teacher)
     loss_fn = scm_min.SCMLoss(teacher if kind == "scd" else None, warmup_steps=50)
     student, history = scm_min.train(scm_min.make_student(teacher), loss_fn, data,
-                                     steps=300, batch_size=256, lr=1e-3, ema_decay=0.99, seed=1)
+                                     steps=300, batch_size=256, lr=1e-3, ema_sigma_rel=0.09, seed=1)
     moved = max((p - q).abs().max().item() for p, q in zip(student.parameters(), start.parameters()))
     assert moved > 1e-2
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(2)) * scm_min.SIGMA_D
