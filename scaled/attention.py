@@ -25,7 +25,6 @@ p-weighted mean of t_s seen so far (acc_t and m_c follow exactly: acc_t -= delta
 m_c -= delta l), and l and m_c are sums of the very 16-bit numbers the products use, so the
 weights that multiply v sum to exactly zero in t_o and a value offset (v + a) cancels too.
 """
-import math
 import os
 
 import torch
@@ -242,27 +241,27 @@ SHARED_MEMORY_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (opt-i
 
 CONFIGS = {
     ("sm90", 2): {
-        16: [(128, 128, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        32: [(128, 128, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        48: [(128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],
-        64: [(128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],
-        80: [(128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],
-        96: [(128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],
-        128: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+        16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        48: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        80: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        96: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
     },
     ("sm80", 2): {
-        16: [(128, 128, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        32: [(128, 128, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        48: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],
-        80: [(128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],
-        96: [(128, 32, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        128: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
+        16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        48: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+        64: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+        80: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+        96: [(128, 32, 8, 2), (128, 16, 8, 3), (64, 16, 4, 3), (32, 32, 4, 1)],
+        128: [(64, 64, 8, 2), (64, 32, 8, 3), (128, 16, 8, 3), (32, 32, 4, 2), (32, 32, 4, 1)],
     },
 }
 for _arch in ("sm80", "sm90"):  # float32 (slow in any case: 2x the bytes, tf32 or exact products)
-    CONFIGS[_arch, 4] = {Dp: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)]
-                         for Dp in CONFIGS[_arch, 2]}
+    CONFIGS[_arch, 4] = {Dp: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)] if Dp <= 96 else
+                         [(32, 32, 4, 2), (32, 16, 4, 1)] for Dp in CONFIGS[_arch, 2]}
 
 
 def shared_memory_estimate(config, Dp, elem_bytes):
@@ -280,26 +279,37 @@ def device_arch(device):
     own limit (99 KB on sm86/sm89). SCALED_ATTENTION_ARCH=sm80 forces the A100 table and limit
     (to check them on an H100).
     """
-    return _device_arch(torch.device(device).index or 0, os.environ.get("SCALED_ATTENTION_ARCH"))
+    return _device_arch(torch.device(device).index or 0)
 
 
-@torch.compiler.assume_constant_result
-def _device_arch(index, forced):
+def _device_arch(index):
     props = torch.cuda.get_device_properties(index)
-    arch = forced or ("sm90" if props.major >= 9 else "sm80")
+    arch = os.environ.get("SCALED_ATTENTION_ARCH") or ("sm90" if props.major >= 9 else "sm80")
     limit = getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT[arch])
     return arch, min(limit, SHARED_MEMORY_LIMIT[arch])
 
 
-_FAILED_CONFIGS = set()  # (device, dtype, Dp, config) that did not compile or launch
-
-
 def config_candidates(arch, limit, D, dtype):
-    """The table's configurations for this case that fit `limit` bytes, best first."""
+    """The table's configurations for this case whose estimate fits `limit` bytes, best first."""
     Dp = sum(head_dim_split(D))
-    elem_bytes = torch.empty((), dtype=dtype).element_size()
-    return [c for c in CONFIGS[arch, min(elem_bytes, 4)][Dp]
-            if shared_memory_estimate(c, Dp, elem_bytes) <= limit]
+    return [c for c in CONFIGS[arch, min(dtype.itemsize, 4)][Dp]
+            if shared_memory_estimate(c, Dp, dtype.itemsize) <= limit]
+
+
+_FAILED_CONFIGS = set()  # (case, config) that did not compile or launch here
+
+
+def first_that_launches(candidates, case, launch):
+    """launch(config) for the first candidate that compiles and launches; one that runs out of
+    shared memory or registers is remembered for `case` and the next, smaller one tried."""
+    for config in candidates:
+        if (case, config) in _FAILED_CONFIGS:
+            continue
+        try:
+            return launch(config)
+        except _LAUNCH_ERRORS:
+            _FAILED_CONFIGS.add((case, config))
+    raise RuntimeError(f"no attention JVP configuration compiles for {case}")
 
 
 def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, rounded_sums=True):
@@ -320,25 +330,25 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, rounded_
                               for x in (q, k, v, t_q, t_k, t_v))
     if out is None:
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
+    launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config, rounded_sums)
     if config is not None:
-        return _launch(q, k, v, t_q, t_k, t_v, *out, config, rounded_sums)
-    if not q.is_cuda:  # interpreter: any configuration runs
-        return _launch(q, k, v, t_q, t_k, t_v, *out, (32, 32, 4, 1), rounded_sums)
-    candidates = config_candidates(*device_arch(q.device), D, q.dtype)
-    if torch.compiler.is_compiling():  # Inductor compiles later; the estimate already fits
-        return _launch(q, k, v, t_q, t_k, t_v, *out, candidates[0], rounded_sums)
-    for config in candidates:
-        key = (q.device, q.dtype, D, config)
-        if key in _FAILED_CONFIGS:
-            continue
-        try:
-            return _launch(q, k, v, t_q, t_k, t_v, *out, config, rounded_sums)
-        except _LAUNCH_ERRORS:  # out of shared memory or registers: the next, smaller one
-            _FAILED_CONFIGS.add(key)
-    raise RuntimeError(f"no attention JVP configuration fits this device (D={D}, {q.dtype})")
+        launch(config)
+    elif not q.is_cuda:  # the interpreter runs any configuration
+        launch((32, 32, 4, 1))
+    elif torch.compiler.is_compiling():  # Inductor compiles the kernel later; the estimate fits
+        launch(_first_candidate(q.device.index or 0, q.dtype, D))
+    else:
+        first_that_launches(config_candidates(*device_arch(q.device), D, q.dtype), (q.device, q.dtype, D), launch)
+    return tuple(out)
 
 
-def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, rounded_sums):
+@torch.compiler.assume_constant_result  # evaluated while torch.compile traces, a constant after
+def _first_candidate(index, dtype, D):
+    return config_candidates(*_device_arch(index), D, dtype)[0]
+
+
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, rounded_sums=True):
+    """Launches the kernel; returns Triton's compiled kernel (None in the interpreter)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     BLOCK_M, BLOCK_N, num_warps, num_stages = config
@@ -349,15 +359,17 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, rounded_sums):
     else:
         precision = "tf32"  # ignored for 16-bit operands
     strides = [s for x in (q, k, v, t_q, t_k, t_v, o, t_o) for s in x.stride()[:3]]
-    align = math.gcd(8, *strides)
+    align = 8  # the largest of 8, 4, 2, 1 that divides every stride
+    for s in strides:
+        while s % align:
+            align //= 2
     grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
-    _attention_jvp_kernel[grid](
-        q, k, v, t_q, t_k, t_v, o, t_o, *(s // align for s in strides), H, Lq, Lk, D ** -0.5,
+    return _attention_jvp_kernel[grid](
+        q, k, v, t_q, t_k, t_v, o, t_o, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
         INPUT_PRECISION=precision, ROUNDED_SUMS=rounded_sums, num_warps=num_warps,
         num_stages=num_stages)
-    return o, t_o
 
 
 def kernel_supported(q, k, v):
@@ -374,8 +386,8 @@ def kernel_supported(q, k, v):
 #----------------------------------------------------------------------------
 # Autograd plumbing. The tangents travel into forward as extra inputs, so that forward, which
 # runs on plain tensors under torch.func.jvp too, computes (o, t_o) in one launch; jvp only
-# hands back the saved t_o. Reverse mode: through o alone by fused SDPA; through t_o (methods
-# that train on the tangent, e.g. MeanFlow) by recomputing on the math path, L x L memory.
+# hands back the saved t_o. Reverse mode: through o by fused SDPA; through t_o (methods that
+# train on the tangent, e.g. MeanFlow) by recomputing on the math path, with L x L memory.
 
 class _AttentionJVP(torch.autograd.Function):
 
@@ -386,29 +398,40 @@ class _AttentionJVP(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         o, t_o = output
+        ctx.mark_non_differentiable(t_o)
         ctx.set_materialize_grads(False)  # jvp ignores its tangents: don't fill zeros for them
-        ctx.save_for_forward(t_o)
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(t_o, *inputs)
+        ctx.save_for_backward(*inputs[:3])
 
     @staticmethod
     def jvp(ctx, *tangents):
-        t_o, = ctx.saved_tensors
-        return t_o, None
+        t_o, *inputs = ctx.saved_tensors
+        return _AttentionTangent.apply(t_o, *inputs), None
 
     @staticmethod
     def backward(ctx, grad_o, grad_t_o):
-        q, k, v, t_q, t_k, t_v = ctx.saved_tensors
-        with torch.enable_grad():
-            if grad_t_o is None:
-                if grad_o is None:
-                    return (None,) * 6
-                q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-                o = F.scaled_dot_product_attention(q, k, v)
-                return *torch.autograd.grad(o, (q, k, v), grad_o), None, None, None
-            xs = [x.detach().requires_grad_() for x in (q, k, v, t_q, t_k, t_v)]
-            o, t_o = attention_jvp_math(*xs)
-            outputs, grads = ((o, t_o), (grad_o, grad_t_o)) if grad_o is not None else ((t_o,), (grad_t_o,))
-            return torch.autograd.grad(outputs, xs, grads, allow_unused=True)
+        if grad_o is None:
+            return (None,) * 6
+        _, sdpa_vjp = torch.func.vjp(F.scaled_dot_product_attention, *ctx.saved_tensors)
+        return *sdpa_vjp(grad_o), None, None, None
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """The kernel's t_o as a function of (q, k, v, t_q, t_k, t_v), for reverse mode through the
+    tangent: forward hands t_o back, backward differentiates the math path's t_o."""
+
+    @staticmethod
+    def forward(t_o, q, k, v, t_q, t_k, t_v):
+        return t_o
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad_t_o):
+        _, math_vjp = torch.func.vjp(lambda *xs: attention_jvp_math(*xs)[1], *ctx.saved_tensors)
+        return None, *math_vjp(grad_t_o)
 
 
 def _plain(x):
