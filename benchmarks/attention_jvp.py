@@ -180,6 +180,8 @@ def bench(args):
             with torch.no_grad():
                 ref = reference_t_o(xs, n)
                 for name, (fn, dual) in candidates(xs, previous).items():
+                    if args.candidates and name not in args.candidates:
+                        continue
                     if name == "math" and L > args.math_max_len:
                         row[name] = dict(ms=None, mem_mb="skipped")
                         continue
@@ -252,7 +254,6 @@ def accuracy(args):
             ref_o, ref_t = A.attention_jvp_math(*(x.double() for x in xs))
             ops = {
                 "ours": lambda: A.attention_jvp_triton(*xs),
-                "ours_plain_sums": lambda: A.attention_jvp_triton(*xs, rounded_sums=False),
                 "sdpa_math": lambda: torch.func.jvp(sdpa_with(SDPBackend.MATH), tuple(xs[:3]), tuple(xs[3:])),
                 "math_fallback": lambda: torch.func.jvp(A.attention_math, tuple(xs[:3]), tuple(xs[3:])),
             }
@@ -281,21 +282,19 @@ def accuracy(args):
 #----------------------------------------------------------------------------
 # Block configurations: timing on this GPU, the sm80 table's too.
 
-EXTRA_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-                 (128, 32, 8, 3), (64, 32, 4, 3)]
+EXTRA_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 
 
 def sweep_cases(dims, extra_dims):
-    """(D, config, rounded_sums) the sweep times: the sm90 and sm80 tables' entries (and a few
-    more for extra_dims), all with the rounded sums, and the sm90 table's first without them."""
+    """(D, config) the sweep times: the sm90 and sm80 tables' entries but their last resort
+    (32, 32, 4, 1), and for extra_dims a few more, all that fit an H100."""
     cases = []
     for D in dims:
         Dp = sum(A.head_dim_split(D))
         extra = EXTRA_CONFIGS if D in extra_dims else []
-        configs = [c for c in A.CONFIGS["sm90", 2][Dp] + A.CONFIGS["sm80", 2][Dp] + extra
+        configs = [c for c in A.CONFIGS["sm90", 2][Dp][:-1] + A.CONFIGS["sm80", 2][Dp][:-1] + extra
                    if A.shared_memory_estimate(c, Dp, 2) <= A.SHARED_MEMORY_LIMIT["sm90"]]
-        cases += [(D, c, True) for c in dict.fromkeys(configs)]
-        cases.append((D, A.CONFIGS["sm90", 2][Dp][0], False))
+        cases += [(D, c) for c in dict.fromkeys(configs)]
     return cases
 
 
@@ -314,16 +313,16 @@ def sweep(args):
         default = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0]
         flops = 12 * B * H_BENCH * L * L * D
         Dp = sum(A.head_dim_split(D))
-        for _, config, rounded in sweep_cases([D], args.dims):
+        for _, config in sweep_cases([D], args.dims):
             out = [torch.empty_like(o_ref) for _ in range(2)]
             try:
-                kernel = A._launch(*xs, *out, config, rounded)
-                ms = triton.testing.do_bench(lambda: A._launch(*xs, *out, config, rounded),
+                kernel = A._launch(*xs, *out, config)
+                ms = triton.testing.do_bench(lambda: A._launch(*xs, *out, config),
                                              warmup=25, rep=100, return_mode="median")
             except Exception as e:  # resource limits of a config
-                print(f"D={D} {config} rounded_sums={rounded}: failed {type(e).__name__}: {str(e)[:200]}")
+                print(f"D={D} {config}: failed {type(e).__name__}: {str(e)[:200]}")
                 continue
-            res = dict(D=D, L=L, B=B, config=config, rounded_sums=rounded, ms=ms, sdpa_cudnn_ms=base,
+            res = dict(D=D, L=L, B=B, config=config, ms=ms, sdpa_cudnn_ms=base,
                        jvp_tflops=flops / ms / 1e9, shared=kernel.metadata.shared,
                        estimate=A.shared_memory_estimate(config, Dp, 2),
                        regs=kernel.n_regs, spills=kernel.n_spills,
@@ -333,7 +332,7 @@ def sweep(args):
                        max_diff_t_o=(out[1].float() - t_o_ref.float()).abs().max().item(),
                        max_t_o=t_o_ref.float().abs().max().item())
             results.append(res)
-            print(f"{env['card']} D={D} L={L} B={B} {config} rounded_sums={rounded}: {ms:.3f} ms "
+            print(f"{env['card']} D={D} L={L} B={B} {config}: {ms:.3f} ms "
                   f"({ms / base:.2f}x cuDNN fwd {base:.3f} ms), JVP {res['jvp_tflops']:.0f} TFLOP/s, "
                   f"shared {res['shared']} (estimate {res['estimate']}), regs {res['regs']} spills "
                   f"{res['spills']}, max|diff| o {res['max_diff_o']:.1e} t_o {res['max_diff_t_o']:.1e}"
@@ -352,7 +351,7 @@ def sweep(args):
 def use_fastest(path, dims):
     """Reorder this process's sm90 table: the sweep's fastest configuration first."""
     with open(path) as f:
-        timed = [r for r in json.load(f)["sweep"] if r.get("rounded_sums")]
+        timed = [r for r in json.load(f)["sweep"] if "config" in r]
     for D in dims:
         fastest = tuple(min((r for r in timed if r["D"] == D), key=lambda r: r["ms"])["config"])
         table = A.CONFIGS["sm90", 2][sum(A.head_dim_split(D))]
@@ -366,7 +365,7 @@ def use_fastest(path, dims):
 POINTERS = ("Q", "K", "V", "TQ", "TK", "TV", "O", "TO")
 
 
-def compile_for(capability, D, config, rounded_sums=True, L=4096, H=16):
+def compile_for(capability, D, config, L=4096, H=16):
     """Compile the kernel for a GPU of this compute capability as a launch with bf16
     [B, H, L, D] contiguous tensors would; (Triton's shared bytes, ptxas registers, spill bytes)."""
     from triton.backends.compiler import GPUTarget
@@ -379,7 +378,7 @@ def compile_for(capability, D, config, rounded_sums=True, L=4096, H=16):
     divisible_by_16 = make_backend(target).parse_attr("D")
     constants = dict(D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align, BLOCK_M=BLOCK_M,
                      BLOCK_N=BLOCK_N, MASK_M=L % BLOCK_M != 0, MASK_N=L % BLOCK_N != 0,
-                     INPUT_PRECISION="tf32", ROUNDED_SUMS=rounded_sums)
+                     INPUT_PRECISION="tf32")
     strides = {"b": H * L * D // align, "h": L * D // align, "m": D // align, "n": D // align}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -441,23 +440,23 @@ def configs(args):
 
 
 def _precompile_job(job):
-    D, config, rounded, previous = job
+    D, config, previous = job
     xs = make_inputs(1, H_BENCH, 256, D, torch.bfloat16)
     if config is None:
         load_previous(previous).attention_jvp_triton(*xs)
     else:
-        A._launch(*xs, *[torch.empty_like(xs[0]) for _ in range(2)], config, rounded)
+        A._launch(*xs, *[torch.empty_like(xs[0]) for _ in range(2)], config)
     torch.cuda.synchronize()
-    return D, config, rounded
+    return D, config
 
 
 def precompile(args):
     """Compile what --sweep, --accuracy and the rows launch (same specializations: lengths that
     are multiples of 128, 16 heads), in parallel processes that share Triton's disk cache."""
     t = time.time()
-    jobs = [(D, c, r, None) for D, c, r in sweep_cases(args.sweep_dims or args.dims, args.dims)]
+    jobs = [(D, c, None) for D, c in sweep_cases(args.sweep_dims or args.dims, args.dims)]
     if args.previous:
-        jobs += [(D, None, True, args.previous) for D in args.dims
+        jobs += [(D, None, args.previous) for D in args.dims
                  if D in getattr(load_previous(args.previous), "HEAD_DIMS", ())]
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for done in pool.map(_precompile_job, jobs):
@@ -472,6 +471,7 @@ if __name__ == "__main__":
     p.add_argument("--elements", type=int, default=2**25, help="B*H*L*D per tensor (fills the card)")
     p.add_argument("--math-max-len", type=int, default=4096, help="skip SDPA-math above this L")
     p.add_argument("--previous", help="another version of scaled/attention.py to time beside this one")
+    p.add_argument("--candidates", nargs="+", help="time only these candidates (default: all)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--sweep-len", type=int, default=4096)
     p.add_argument("--sweep-dims", type=int, nargs="+", help="head dims of --sweep (default --dims); "

@@ -13,17 +13,16 @@ Tangent equations (sCM v2, App. F), with scale = 1/sqrt(D):
   t_s = (t_q k^T + q t_k^T) scale   t_p = p (t_s - sum_j p_j t_s_j)
   t_o = t_p v + p t_v = p ((t_s - c) v + t_v) - (sum_j p_j (t_s_j - c)) o   for any row constant c
 One pass over key blocks keeps, per query row, the running max m, the normalizer l = sum p~,
-a centre c, m_c = sum p~ (t_s - c), acc_o = sum p~ v and acc_t = sum p~ ((t_s - c) v + t_v),
-all rescaled by exp(m_old - m_new) like the flash forward. At the end o = acc_o / l and
-t_o = acc_t / l - (m_c / l) o.
+a centre c, acc_o = sum p~ v and acc_t = sum p~ ((t_s - c) v + t_v), all rescaled by
+exp(m_old - m_new) like the flash forward; c moves each block to the p-weighted mean of t_s
+seen so far (acc_t -= delta acc_o follows it exactly), so sum p~ (t_s - c) = 0 and at the end
+o = acc_o / l and t_o = acc_t / l.
 
-Accuracy (why c, and why the sums of rounded weights): the products p~ v and p~ (t_s - c) v run
-on 16-bit operands. A key offset shared by all keys (k + a), or large logits, add to t_s a part
-that is (nearly) the same for every key; rounded before the product and cancelled only at the
-end, it would cost up to 40x the error of a float32 computation. So c moves each block to the
-p-weighted mean of t_s seen so far (acc_t and m_c follow exactly: acc_t -= delta acc_o,
-m_c -= delta l), and l and m_c are sums of the very 16-bit numbers the products use, so the
-weights that multiply v sum to exactly zero in t_o and a value offset (v + a) cancels too.
+Why the centre: the product p~ (t_s - c) v runs on 16-bit operands. A key offset shared by all
+keys (k + a, t_k + a), or large logits, give t_s a part that is (nearly) the same for every key;
+rounded to 16 bits before the product and cancelled only at the end, it multiplied t_o's error
+(issue 13). Not handled: an offset shared by all values (v + a) still does that; the variant
+that handles it and what it costs are in benchmarks/attention_jvp_notes.md.
 """
 import os
 
@@ -115,7 +114,6 @@ if triton is not None:
         D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
         MASK_D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_M: tl.constexpr, MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        ROUNDED_SUMS: tl.constexpr,
     ):
         # The head dim is a power-of-two chunk D0 plus, if D0 < D, a power-of-two tail D1 padded
         # with zeros (72 = 64 + 8 -> 16): each matrix product is one dot per chunk.
@@ -158,7 +156,6 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        mc_i = tl.zeros([BLOCK_M], tl.float32)                    # sum p~ (t_s - c)
 
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
@@ -180,16 +177,11 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])                        # p~ = exp(s - m); 0 on masked columns
-            p_lo = p.to(dtype)
-            if ROUNDED_SUMS:
-                l_new = l_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
-            else:
-                l_new = l_i * alpha + tl.sum(p, 1)
+            l_new = l_i * alpha + tl.sum(p, 1)
             p_ts = p * (t_s * scale - c_i[:, None])                           # p~ (t_s - c_old)
             delta = tl.sum(p_ts, 1) / l_new                                   # c_new - c_old: the new p-weighted mean
+            p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
-            if ROUNDED_SUMS:
-                mc_i = (mc_i - delta * l_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
             c_i += delta
             l_i = l_new
             m_i = m_new
@@ -207,14 +199,14 @@ if triton is not None:
                 acc_t1 = tl.dot(p_lo, tv1, acc_t1, input_precision=INPUT_PRECISION)
                 acc_t1 = tl.dot(p_ts_lo, v1, acc_t1, input_precision=INPUT_PRECISION)
 
-        # Without ROUNDED_SUMS, mc_i = sum p~ (t_s - c) is zero by the choice of c.
+        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term.
         o0 = acc_o0 / l_i[:, None]
-        t_o0 = acc_t0 / l_i[:, None] - (mc_i / l_i)[:, None] * o0
+        t_o0 = acc_t0 / l_i[:, None]
         _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
         _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
         if D1 > 0:
             o1 = acc_o1 / l_i[:, None]
-            t_o1 = acc_t1 / l_i[:, None] - (mc_i / l_i)[:, None] * o1
+            t_o1 = acc_t1 / l_i[:, None]
             _store_tile(O, o1, offs_m, offs_d1, som, Lq, D, MASK_M, MASK_D1)
             _store_tile(TO, t_o1, offs_m, offs_d1, stom, Lq, D, MASK_M, MASK_D1)
 
@@ -243,20 +235,20 @@ CONFIGS = {
     ("sm90", 2): {
         16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
         32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        48: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        48: [(128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
         64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
         80: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
-        96: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        96: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
         128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
     },
-    ("sm80", 2): {
+    ("sm80", 2): {  # chosen by compiling for sm80 (no spills) and timing on the H100
         16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
         32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        48: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
-        64: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
-        80: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
-        96: [(128, 32, 8, 2), (128, 16, 8, 3), (64, 16, 4, 3), (32, 32, 4, 1)],
-        128: [(64, 64, 8, 2), (64, 32, 8, 3), (128, 16, 8, 3), (32, 32, 4, 2), (32, 32, 4, 1)],
+        48: [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        80: [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        96: [(64, 16, 4, 3), (128, 32, 8, 2), (32, 32, 4, 1)],
+        128: [(128, 16, 8, 3), (32, 32, 4, 2), (32, 32, 4, 1)],
     },
 }
 for _arch in ("sm80", "sm90"):  # float32 (slow in any case: 2x the bytes, tf32 or exact products)
@@ -266,8 +258,9 @@ for _arch in ("sm80", "sm90"):  # float32 (slow in any case: 2x the bytes, tf32 
 
 def shared_memory_estimate(config, Dp, elem_bytes):
     """Bytes of shared memory a configuration needs: num_stages buffers of the four key-side
-    tiles (k, t_k, v, t_v) plus q and t_q. An upper bound of what Triton 3.6 reports for
-    the compiled kernel on sm80 and sm90 (checked in benchmarks/attention_jvp.py --configs)."""
+    tiles (k, t_k, v, t_v) plus q and t_q. What Triton 3.6 reports for the compiled kernel on
+    sm90, an upper bound on sm80 (benchmarks/attention_jvp.py --configs and --sweep), except
+    BLOCK_M = 64 with 8 warps, 4 KB more on sm90: no table entry has that."""
     BLOCK_M, BLOCK_N, _, num_stages = config
     return (4 * num_stages * BLOCK_N + 2 * BLOCK_M) * Dp * elem_bytes
 
@@ -312,7 +305,7 @@ def first_that_launches(candidates, case, launch):
     raise RuntimeError(f"no attention JVP configuration compiles for {case}")
 
 
-def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, rounded_sums=True):
+def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
     """(o, t_o) of softmax(q k^T / sqrt(D)) v along (t_q, t_k, t_v), one Triton pass.
 
     Tensors [B, H, L, D] of one dtype on one device, any strides with a unit last stride;
@@ -330,7 +323,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, rounded_
                               for x in (q, k, v, t_q, t_k, t_v))
     if out is None:
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
-    launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config, rounded_sums)
+    launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config)
     if config is not None:
         launch(config)
     elif not q.is_cuda:  # the interpreter runs any configuration
@@ -347,7 +340,7 @@ def _first_candidate(index, dtype, D):
     return config_candidates(*_device_arch(index), D, dtype)[0]
 
 
-def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, rounded_sums=True):
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config):
     """Launches the kernel; returns Triton's compiled kernel (None in the interpreter)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -368,8 +361,7 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, rounded_sums=True):
         q, k, v, t_q, t_k, t_v, o, t_o, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
-        INPUT_PRECISION=precision, ROUNDED_SUMS=rounded_sums, num_warps=num_warps,
-        num_stages=num_stages)
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):
