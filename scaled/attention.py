@@ -105,6 +105,19 @@ if triton is not None:
             tl.store(ptrs, tile.to(ptr.dtype.element_ty))
 
     @triton.jit
+    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, alpha, delta, V, TV, offs_n, offs_d, svn, stvn, Lk, D,
+                    MASK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        """One head-dim chunk: acc_o += p~ v and acc_t += p~ t_v + p~ (t_s - c) v, after the
+        rescale by alpha and the move of c by delta."""
+        v = _load_tile(V, offs_n, offs_d, svn, Lk, D, MASK_N, MASK_D)        # [BLOCK_N, chunk]
+        t_v = _load_tile(TV, offs_n, offs_d, stvn, Lk, D, MASK_N, MASK_D)
+        acc_t = (acc_t - delta[:, None] * acc_o) * alpha[:, None]
+        acc_o = tl.dot(p_lo, v, acc_o * alpha[:, None], input_precision=INPUT_PRECISION)
+        acc_t = tl.dot(p_lo, t_v, acc_t, input_precision=INPUT_PRECISION)
+        acc_t = tl.dot(p_ts_lo, v, acc_t, input_precision=INPUT_PRECISION)
+        return acc_o, acc_t
+
+    @triton.jit
     def _attention_jvp_kernel(
         Q, K, V, TQ, TK, TV, O, TO,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -185,19 +198,11 @@ if triton is not None:
             c_i += delta
             l_i = l_new
             m_i = m_new
-            v0 = _load_tile(V, offs_n, offs_d0, svn, Lk, D, MASK_N, MASK_D0)
-            tv0 = _load_tile(TV, offs_n, offs_d0, stvn, Lk, D, MASK_N, MASK_D0)
-            acc_t0 = (acc_t0 - delta[:, None] * acc_o0) * alpha[:, None]
-            acc_o0 = tl.dot(p_lo, v0, acc_o0 * alpha[:, None], input_precision=INPUT_PRECISION)
-            acc_t0 = tl.dot(p_lo, tv0, acc_t0, input_precision=INPUT_PRECISION)
-            acc_t0 = tl.dot(p_ts_lo, v0, acc_t0, input_precision=INPUT_PRECISION)
+            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, V, TV, offs_n, offs_d0,
+                                         svn, stvn, Lk, D, MASK_N, MASK_D0, INPUT_PRECISION)
             if D1 > 0:
-                v1 = _load_tile(V, offs_n, offs_d1, svn, Lk, D, MASK_N, MASK_D1)
-                tv1 = _load_tile(TV, offs_n, offs_d1, stvn, Lk, D, MASK_N, MASK_D1)
-                acc_t1 = (acc_t1 - delta[:, None] * acc_o1) * alpha[:, None]
-                acc_o1 = tl.dot(p_lo, v1, acc_o1 * alpha[:, None], input_precision=INPUT_PRECISION)
-                acc_t1 = tl.dot(p_lo, tv1, acc_t1, input_precision=INPUT_PRECISION)
-                acc_t1 = tl.dot(p_ts_lo, v1, acc_t1, input_precision=INPUT_PRECISION)
+                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, V, TV, offs_n,
+                                             offs_d1, svn, stvn, Lk, D, MASK_N, MASK_D1, INPUT_PRECISION)
 
         # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term.
         o0 = acc_o0 / l_i[:, None]
