@@ -225,6 +225,9 @@ def test_device_arch_and_candidates_follow_the_device(major, minor, optin, arch,
     if major == 9:  # an H100 forced to the A100 table and limit
         monkeypatch.setenv("SCALED_ATTENTION_ARCH", "sm80")
         assert A.device_arch("cuda:0") == ("sm80", A.SHARED_MEMORY_LIMIT["sm80"])
+        monkeypatch.setenv("SCALED_ATTENTION_ARCH", "sm75")
+        with pytest.raises(ValueError, match="SCALED_ATTENTION_ARCH"):
+            A.device_arch("cuda:0")
 
 
 def test_a_configuration_that_does_not_compile_falls_back_to_the_next(monkeypatch):
