@@ -146,11 +146,11 @@ def test_bf16_and_fp32_steps_agree(name):
         (fn, (x, t), (t_x, _), (F, tangent)), = jvp.calls
         x_t, dxt_dt = x * scm_min.SIGMA_D, t_x * scm_min.SIGMA_D / (torch.cos(t) * torch.sin(t))[:, None, None, None]
         grad = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
-        results[dtype] = dict(g=scm_min.scm_g(F, tangent, x_t, t, dxt_dt), loss=loss, grad=grad)
+        results[dtype] = dict(g=scm_min.scm_g(F, tangent, x_t, t, dxt_dt), loss=loss, grad=grad, F=F)
         assert F.dtype == tangent.dtype == loss.dtype == torch.float32   # F, g and the loss in fp32
-    errors = {key: relative_error(results[torch.bfloat16][key], results[torch.float32][key]) for key in ("g", "loss", "grad")}
+    errors = {key: relative_error(results[torch.bfloat16][key], results[torch.float32][key]) for key in results[dtype]}
     assert errors["g"] < 0.03 and errors["loss"] < 0.03 and errors["grad"] < 0.1, errors
-    assert errors["g"] > 1e-5, errors   # the bf16 step really ran in bf16
+    assert errors["F"] > 1e-4, errors   # the student really ran in bf16 (F depends on it alone)
 
 
 @pytest.mark.parametrize("name", TINY)
