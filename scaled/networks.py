@@ -28,6 +28,7 @@ import copy
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,6 +59,26 @@ def mp_cat(a, b, t, dim=1):
     return torch.cat([a * (c * (1 - t) / math.sqrt(n_a)), b * (c * t / math.sqrt(n_b))], dim=dim)
 
 
+def is_functorch_wrapped(x):
+    return isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def weight_op(op, x, w, *args):
+    """op(x, w, *args) for a linear map op in x (F.linear, F.conv2d) whose extra args (bias,
+    padding) do not depend on x. Under forward-mode AD (torch.autograd.forward_ad) with a constant
+    weight, the tangent is op(t_x, w) without the bias: PyTorch's own rule also multiplies x by
+    the weight's tangent, a zero tensor it does not skip (one more matmul: 3 forwards for a JVP
+    instead of 2, measured on torch 2.13)."""
+    primal, tangent = fwAD.unpack_dual(x)
+    if tangent is None or fwAD.unpack_dual(w).tangent is not None or (
+            not torch.compiler.is_compiling() and is_functorch_wrapped(x)):   # torch.func.jvp: its own rule
+        return op(x, w, *args)
+    output = op(primal, w, *args)
+    if op is F.linear:
+        return fwAD.make_dual(output, F.linear(tangent, w))
+    return fwAD.make_dual(output, op(tangent, w, None, *args[1:]))
+
+
 def unit_rows(w):
     """w with every output row (all dims but the first) at RMS 1."""
     return pixel_norm(w.flatten(1)).view_as(w)
@@ -82,8 +103,8 @@ class MPConv(nn.Module):
     def forward(self, x, gain=1.0):
         w = self.effective_weight(gain).to(x.dtype)
         if w.ndim == 2:
-            return F.linear(x, w)
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+            return weight_op(F.linear, x, w)
+        return weight_op(F.conv2d, x, w, None, 1, w.shape[-1] // 2)
 
     @torch.no_grad()
     def project_(self):
@@ -106,7 +127,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return weight_op(F.linear, x, self.weight.to(x.dtype), bias)
 
     @torch.no_grad()
     def bake_(self, dtype):

@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from scaled.networks import project_weights_
+from scaled.networks import is_functorch_wrapped, project_weights_
 from scm_min import (SCMLoss, TeacherLoss, consistency_times, sample_consistency, sample_teacher,
                      teacher_times)
 
@@ -69,10 +69,6 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-def _is_functorch_wrapped(x):
-    return isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
 def _has_tangent(args):
     return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
 
@@ -89,7 +85,7 @@ class BlockRunner:
     checkpoint: bool = False
 
     def block(self, block, *args):
-        if (self.compile and _has_tangent(args)) or any(_is_functorch_wrapped(a) for a in args):
+        if (self.compile and _has_tangent(args)) or any(is_functorch_wrapped(a) for a in args):
             return block(*args)   # JVP pass: regions compile; torch.func transforms: all eager
         forward = _compiled(_block_forward) if self.compile else _block_forward
         if self.checkpoint and torch.is_grad_enabled():
@@ -98,7 +94,7 @@ class BlockRunner:
 
     def region(self, block, name, *args):
         if not self.compile or torch.compiler.is_compiling() or not _has_tangent(args) \
-                or any(_is_functorch_wrapped(a) for a in args):
+                or any(is_functorch_wrapped(a) for a in args):
             return getattr(block, name)(*args)
         duals = [fwAD.unpack_dual(a) for a in args]
         primals = tuple(d.primal for d in duals)
