@@ -4,19 +4,28 @@
 - Without tangents it is PyTorch's fused SDPA (forward and backward).
 - Under forward-mode AD (`torch.func.jvp`, `torch.autograd.forward_ad`) on CUDA it returns the
   primal o and its tangent t_o from one Triton kernel, flash-style (sCM v2, App. F), with
-  O(L) extra memory.
-- Where the kernel cannot run (CPU, no Triton, unsupported head dim) it falls back to the
-  plain math path `attention_math`, whose JVP autograd derives (it materializes L x L).
+  O(L) extra memory, for any head dim D <= 128.
+- Where the kernel cannot run (CPU, no Triton, D > 128) it falls back to the plain math path
+  `attention_math`, whose JVP autograd derives (it materializes L x L).
 
 Tangent equations (sCM v2, App. F), with scale = 1/sqrt(D):
   s   = q k^T scale                 p = softmax(s)           o = p v
   t_s = (t_q k^T + q t_k^T) scale   t_p = p (t_s - sum_j p_j t_s_j)
-  t_o = t_p v + p t_v = p (t_s v + t_v) - (sum_j p_j t_s_j) o
-One pass over key blocks keeps, per query row, the running max m, the normalizer
-l = sum p~, mu = sum p~ t_s, acc_o = sum p~ v and acc_t = sum p~ (t_s v + t_v), all
-rescaled by exp(m_old - m_new) like the flash forward. At the end o = acc_o / l and
-t_o = acc_t / l - (mu / l) o.
+  t_o = t_p v + p t_v = p ((t_s - c) v + t_v) - (sum_j p_j (t_s_j - c)) o   for any row constant c
+One pass over key blocks keeps, per query row, the running max m, the normalizer l = sum p~,
+a centre c, acc_o = sum p~ v and acc_t = sum p~ ((t_s - c) v + t_v), all rescaled by
+exp(m_old - m_new) like the flash forward; c moves each block to the p-weighted mean of t_s
+seen so far (acc_t -= delta acc_o follows it exactly), so sum p~ (t_s - c) = 0 and at the end
+o = acc_o / l and t_o = acc_t / l.
+
+Why the centre: the product p~ (t_s - c) v runs on 16-bit operands. A key offset shared by all
+keys (k + a, t_k + a), or large logits, give t_s a part that is (nearly) the same for every key;
+rounded to 16 bits before the product and cancelled only at the end, it multiplied t_o's error
+(issue 13). Not handled: an offset shared by all values (v + a) still does that; the variant
+that handles it and what it costs are in benchmarks/attention_jvp_notes.md.
 """
+import os
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -29,7 +38,7 @@ except ImportError:  # CPU machines without Triton use the math path.
 
 __all__ = ["attention", "attention_math", "attention_jvp_triton", "kernel_supported"]
 
-HEAD_DIMS = (16, 32, 64, 128)  # powers of two the kernel handles; others take the math path
+HEAD_DIM_MAX = 128  # the kernel takes any head dim up to this; larger ones take the math path
 # Tests set this to run the kernel on CPU tensors in Triton's interpreter, which needs
 # TRITON_INTERPRET=1 in the environment before triton is first imported.
 INTERPRET_ON_CPU = False
@@ -39,28 +48,78 @@ INTERPRET_ON_CPU = False
 # Reference path.
 
 def attention_math(q, k, v):
-    """softmax(q k^T / sqrt(D)) v in plain ops; autograd derives its JVP (L x L memory)."""
+    """softmax(q k^T / sqrt(D)) v in plain ops; autograd derives its JVP (L x L memory).
+
+    16-bit inputs are computed in float32 and rounded once at the end, as SDPA's math backend
+    does: 16-bit scores and weights would cost up to 40x its error with large logits.
+    """
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5   # [B, H, Lq, Lk]
+    return torch.matmul(torch.softmax(s, dim=-1), v).to(dtype)      # [B, H, Lq, D]
+
+
+def attention_jvp_math(q, k, v, t_q, t_k, t_v):
+    """(o, t_o) by the tangent equations above in plain ops (float32 for 16-bit inputs).
+
+    Reverse mode through t_o differentiates this (L x L memory); torch.func.jvp of
+    `attention_math` gives the same (o, t_o).
+    """
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v, t_q, t_k, t_v = (x.float() for x in (q, k, v, t_q, t_k, t_v))
     scale = q.shape[-1] ** -0.5
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale          # [B, H, Lq, Lk]
-    if s.dtype in (torch.float16, torch.bfloat16):
-        s = s.float()                                         # softmax in fp32 for half types
-    p = torch.softmax(s, dim=-1).to(q.dtype)
-    return torch.matmul(p, v)                                 # [B, H, Lq, D]
+    p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1)         # [B, H, Lq, Lk]
+    t_s = (torch.matmul(t_q, k.transpose(-2, -1)) + torch.matmul(q, t_k.transpose(-2, -1))) * scale
+    t_p = p * (t_s - (p * t_s).sum(-1, keepdim=True))
+    o = torch.matmul(p, v)
+    t_o = torch.matmul(t_p, v) + torch.matmul(p, t_v)
+    return o.to(dtype), t_o.to(dtype)
 
 
 #----------------------------------------------------------------------------
 # Triton kernel: (o, t_o) in one flash pass.
 
 if triton is not None:
+    @triton.jit
+    def _load_tile(ptr, offs_rows, offs_cols, row_stride, n_rows, n_cols,
+                   MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+        """A [rows, cols] tile, zero past n_rows rows and n_cols columns where masked."""
+        ptrs = ptr + offs_rows[:, None] * row_stride + offs_cols[None, :]
+        if MASK_ROWS or MASK_COLS:
+            tile = tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_cols[None, :] < n_cols),
+                           other=0.0)
+        else:
+            tile = tl.load(ptrs)
+        return tile
+
+    @triton.jit
+    def _store_tile(ptr, tile, offs_rows, offs_cols, row_stride, n_rows, n_cols,
+                    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+        ptrs = ptr + offs_rows[:, None] * row_stride + offs_cols[None, :]
+        if MASK_ROWS or MASK_COLS:
+            tl.store(ptrs, tile.to(ptr.dtype.element_ty),
+                     mask=(offs_rows[:, None] < n_rows) & (offs_cols[None, :] < n_cols))
+        else:
+            tl.store(ptrs, tile.to(ptr.dtype.element_ty))
+
+    @triton.jit
     def _attention_jvp_kernel(
         Q, K, V, TQ, TK, TV, O, TO,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
         stqb, stqh, stqm, stkb, stkh, stkn, stvb, stvh, stvn,
         sob, soh, som, stob, stoh, stom,
         H, Lq, Lk, scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
+        MASK_D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASK_M: tl.constexpr, MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
+        # The head dim is a power-of-two chunk D0 plus, if D0 < D, a power-of-two tail D1 padded
+        # with zeros (72 = 64 + 8 -> 16): each matrix product is one dot per chunk.
+        # Strides arrive divided by ALIGN, so that Triton sees rows aligned for vector loads
+        # (it only infers alignment from integers divisible by 16; 72 is not).
+        scale = tl.cast(scale, tl.float32)  # torch.compile (Inductor) passes a Python float as fp64
         # One grid axis (no 65535 limit on B*H); query blocks of one head run next to each
         # other, so their shared k, v, t_k, t_v stay in L2.
         num_m = tl.cdiv(Lq, BLOCK_M)
@@ -68,97 +127,182 @@ if triton is not None:
         pid_bh = tl.program_id(0) // num_m
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
+        Q += (b * sqb + h * sqh) * ALIGN
+        K += (b * skb + h * skh) * ALIGN
+        V += (b * svb + h * svh) * ALIGN
+        TQ += (b * stqb + h * stqh) * ALIGN
+        TK += (b * stkb + h * stkh) * ALIGN
+        TV += (b * stvb + h * stvh) * ALIGN
+        O += (b * sob + h * soh) * ALIGN
+        TO += (b * stob + h * stoh) * ALIGN
+        sqm, skn, svn, stqm, stkn, stvn = sqm * ALIGN, skn * ALIGN, svn * ALIGN, stqm * ALIGN, stkn * ALIGN, stvn * ALIGN
+        som, stom = som * ALIGN, stom * ALIGN
+        dtype = Q.dtype.element_ty
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        mask_m = offs_m[:, None] < Lq
-
-        q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
-        tq_ptrs = TQ + b * stqb + h * stqh + offs_m[:, None] * stqm + offs_d[None, :]
-        if EVEN_M:
-            q = tl.load(q_ptrs)                                   # [BLOCK_M, D]
-            tq = tl.load(tq_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=mask_m, other=0.0)
-            tq = tl.load(tq_ptrs, mask=mask_m, other=0.0)
-        k_base = K + b * skb + h * skh + offs_d[None, :]
-        v_base = V + b * svb + h * svh + offs_d[None, :]
-        tk_base = TK + b * stkb + h * stkh + offs_d[None, :]
-        tv_base = TV + b * stvb + h * stvh + offs_d[None, :]
+        offs_d0 = tl.arange(0, D0)
+        q0 = _load_tile(Q, offs_m, offs_d0, sqm, Lq, D, MASK_M, MASK_D0)          # [BLOCK_M, D0]
+        tq0 = _load_tile(TQ, offs_m, offs_d0, stqm, Lq, D, MASK_M, MASK_D0)
+        acc_o0 = tl.zeros([BLOCK_M, D0], tl.float32)                               # sum p~ v
+        acc_t0 = tl.zeros([BLOCK_M, D0], tl.float32)                               # sum p~ ((t_s - c) v + t_v)
+        if D1 > 0:
+            offs_d1 = D0 + tl.arange(0, D1)
+            q1 = _load_tile(Q, offs_m, offs_d1, sqm, Lq, D, MASK_M, MASK_D1)      # [BLOCK_M, D1]
+            tq1 = _load_tile(TQ, offs_m, offs_d1, stqm, Lq, D, MASK_M, MASK_D1)
+            acc_o1 = tl.zeros([BLOCK_M, D1], tl.float32)
+            acc_t1 = tl.zeros([BLOCK_M, D1], tl.float32)
 
         qk_scale = scale * 1.4426950408889634                     # exp(x) = exp2(x log2 e)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
-        mu_i = tl.zeros([BLOCK_M], tl.float32)                    # sum p~ t_s
-        acc_o = tl.zeros([BLOCK_M, D], tl.float32)                # sum p~ v
-        acc_t = tl.zeros([BLOCK_M, D], tl.float32)                # sum p~ (t_s v + t_v)
+        c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
 
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
-            if EVEN_N:
-                k = tl.load(k_base + offs_n[:, None] * skn)       # [BLOCK_N, D]
-                tk = tl.load(tk_base + offs_n[:, None] * stkn)
-                v = tl.load(v_base + offs_n[:, None] * svn)
-                tv = tl.load(tv_base + offs_n[:, None] * stvn)
-            else:
-                mask_n = offs_n[:, None] < Lk
-                k = tl.load(k_base + offs_n[:, None] * skn, mask=mask_n, other=0.0)
-                tk = tl.load(tk_base + offs_n[:, None] * stkn, mask=mask_n, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn, mask=mask_n, other=0.0)
-                tv = tl.load(tv_base + offs_n[:, None] * stvn, mask=mask_n, other=0.0)
-            kT = tl.trans(k)
-            s = tl.dot(q, kT, input_precision=INPUT_PRECISION)            # q k^T, [BLOCK_M, BLOCK_N]
-            t_s = tl.dot(tq, kT, input_precision=INPUT_PRECISION)         # t_q k^T + q t_k^T
-            t_s = tl.dot(q, tl.trans(tk), t_s, input_precision=INPUT_PRECISION)
-            if not EVEN_N:
+            k0 = _load_tile(K, offs_n, offs_d0, skn, Lk, D, MASK_N, MASK_D0)     # [BLOCK_N, D0]
+            tk0 = _load_tile(TK, offs_n, offs_d0, stkn, Lk, D, MASK_N, MASK_D0)
+            kT0 = tl.trans(k0)
+            s = tl.dot(q0, kT0, input_precision=INPUT_PRECISION)                # q k^T, [BLOCK_M, BLOCK_N]
+            t_s = tl.dot(tq0, kT0, input_precision=INPUT_PRECISION)             # t_q k^T + q t_k^T
+            t_s = tl.dot(q0, tl.trans(tk0), t_s, input_precision=INPUT_PRECISION)
+            if D1 > 0:
+                k1 = _load_tile(K, offs_n, offs_d1, skn, Lk, D, MASK_N, MASK_D1)
+                tk1 = _load_tile(TK, offs_n, offs_d1, stkn, Lk, D, MASK_N, MASK_D1)
+                kT1 = tl.trans(k1)
+                s = tl.dot(q1, kT1, s, input_precision=INPUT_PRECISION)
+                t_s = tl.dot(tq1, kT1, t_s, input_precision=INPUT_PRECISION)
+                t_s = tl.dot(q1, tl.trans(tk1), t_s, input_precision=INPUT_PRECISION)
+            if MASK_N:
                 s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s * qk_scale - m_new[:, None])                    # p~ = exp(s - m)
-            p_ts = p * (t_s * scale)                                      # p~ t_s (masked cols: p~ = 0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            mu_i = mu_i * alpha + tl.sum(p_ts, 1)
-            acc_o = acc_o * alpha[:, None]
-            acc_t = acc_t * alpha[:, None]
-            p_lo = p.to(v.dtype)
-            acc_o = tl.dot(p_lo, v, acc_o, input_precision=INPUT_PRECISION)
-            acc_t = tl.dot(p_lo, tv, acc_t, input_precision=INPUT_PRECISION)
-            acc_t = tl.dot(p_ts.to(v.dtype), v, acc_t, input_precision=INPUT_PRECISION)
+            p = tl.exp2(s * qk_scale - m_new[:, None])                        # p~ = exp(s - m); 0 on masked columns
+            l_new = l_i * alpha + tl.sum(p, 1)
+            p_ts = p * (t_s * scale - c_i[:, None])                           # p~ (t_s - c_old)
+            delta = tl.sum(p_ts, 1) / l_new                                   # c_new - c_old: the new p-weighted mean
+            p_lo = p.to(dtype)
+            p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
+            c_i += delta
+            l_i = l_new
             m_i = m_new
+            v0 = _load_tile(V, offs_n, offs_d0, svn, Lk, D, MASK_N, MASK_D0)
+            tv0 = _load_tile(TV, offs_n, offs_d0, stvn, Lk, D, MASK_N, MASK_D0)
+            acc_t0 = (acc_t0 - delta[:, None] * acc_o0) * alpha[:, None]
+            acc_o0 = tl.dot(p_lo, v0, acc_o0 * alpha[:, None], input_precision=INPUT_PRECISION)
+            acc_t0 = tl.dot(p_lo, tv0, acc_t0, input_precision=INPUT_PRECISION)
+            acc_t0 = tl.dot(p_ts_lo, v0, acc_t0, input_precision=INPUT_PRECISION)
+            if D1 > 0:
+                v1 = _load_tile(V, offs_n, offs_d1, svn, Lk, D, MASK_N, MASK_D1)
+                tv1 = _load_tile(TV, offs_n, offs_d1, stvn, Lk, D, MASK_N, MASK_D1)
+                acc_t1 = (acc_t1 - delta[:, None] * acc_o1) * alpha[:, None]
+                acc_o1 = tl.dot(p_lo, v1, acc_o1 * alpha[:, None], input_precision=INPUT_PRECISION)
+                acc_t1 = tl.dot(p_lo, tv1, acc_t1, input_precision=INPUT_PRECISION)
+                acc_t1 = tl.dot(p_ts_lo, v1, acc_t1, input_precision=INPUT_PRECISION)
 
-        o = acc_o / l_i[:, None]
-        t_o = acc_t / l_i[:, None] - (mu_i / l_i)[:, None] * o
-        o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
-        to_ptrs = TO + b * stob + h * stoh + offs_m[:, None] * stom + offs_d[None, :]
-        if EVEN_M:
-            tl.store(o_ptrs, o.to(O.dtype.element_ty))
-            tl.store(to_ptrs, t_o.to(TO.dtype.element_ty))
-        else:
-            tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask_m)
-            tl.store(to_ptrs, t_o.to(TO.dtype.element_ty), mask=mask_m)
+        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term.
+        o0 = acc_o0 / l_i[:, None]
+        t_o0 = acc_t0 / l_i[:, None]
+        _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
+        _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
+        if D1 > 0:
+            o1 = acc_o1 / l_i[:, None]
+            t_o1 = acc_t1 / l_i[:, None]
+            _store_tile(O, o1, offs_m, offs_d1, som, Lq, D, MASK_M, MASK_D1)
+            _store_tile(TO, t_o1, offs_m, offs_d1, stom, Lq, D, MASK_M, MASK_D1)
+
+    _LAUNCH_ERRORS = tuple(getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError")
+                           if hasattr(triton.runtime.errors, name))
 
 
-_KERNELS = {}
+def head_dim_split(D):
+    """(D0, D1): the head dim as a power-of-two chunk D0 >= 16 and a padded power-of-two tail
+    D1 >= 16 (0 if none); D0 + D1 >= D is the width the kernel computes with."""
+    D0 = max(16, 1 << (D.bit_length() - 1))         # largest power of two <= D
+    if D <= D0:
+        return D0, 0
+    D1 = max(16, 1 << (D - D0 - 1).bit_length())    # smallest power of two >= D - D0
+    return (2 * D0, 0) if D1 == D0 else (D0, D1)    # two equal chunks: one masked chunk instead
 
 
-def _kernel(interpret):
-    """The jitted kernel, or Triton's CPU interpreter of it (TRITON_INTERPRET=1, CPU tensors)."""
-    if interpret not in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            _KERNELS[interpret] = InterpretedFunction(_attention_jvp_kernel)
-        else:
-            _KERNELS[interpret] = triton.jit(_attention_jvp_kernel)
-    return _KERNELS[interpret]
+#----------------------------------------------------------------------------
+# Configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, dtype size and
+# padded head dim D0 + D1, best first; later entries need less shared memory and are the
+# fallbacks. Picked by the sweeps in benchmarks/attention_jvp_notes.md.
+
+SHARED_MEMORY_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (opt-in): A100, H100
+
+CONFIGS = {
+    ("sm90", 2): {
+        16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        48: [(128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+        64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        80: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        96: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+    },
+    ("sm80", 2): {  # chosen by compiling for sm80 (no spills) and timing on the H100
+        16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        48: [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        80: [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        96: [(64, 16, 4, 3), (128, 32, 8, 2), (32, 32, 4, 1)],
+        128: [(128, 16, 8, 3), (32, 32, 4, 2), (32, 32, 4, 1)],
+    },
+}
+for _arch in ("sm80", "sm90"):  # float32 (slow in any case: 2x the bytes, tf32 or exact products)
+    CONFIGS[_arch, 4] = {Dp: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)] if Dp <= 96 else
+                         [(32, 32, 4, 2), (32, 16, 4, 1)] for Dp in CONFIGS[_arch, 2]}
 
 
-def _default_config(D, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked by the H100 sweep in benchmarks/."""
-    if dtype == torch.float32:
-        return 64, 32, 4, 2
-    if D <= 64:
-        return 128, 128, 8, 3   # (128, 64, 4, 3) spilled 84 registers: 2.5x slower
-    return 128, 64, 8, 2
+def shared_memory_estimate(config, Dp, elem_bytes):
+    """Bytes of shared memory a configuration needs: num_stages buffers of the four key-side
+    tiles (k, t_k, v, t_v) plus q and t_q. What Triton 3.6 reports for the compiled kernel on
+    sm90, an upper bound on sm80 (benchmarks/attention_jvp.py --configs and --sweep), except
+    BLOCK_M = 64 with 8 warps, 4 KB more on sm90: no table entry has that."""
+    BLOCK_M, BLOCK_N, _, num_stages = config
+    return (4 * num_stages * BLOCK_N + 2 * BLOCK_M) * Dp * elem_bytes
+
+
+def device_arch(device):
+    """('sm80' or 'sm90', shared-memory bytes per block) of a CUDA device.
+
+    Hopper and later take the sm90 table, Ampere and Ada the sm80 one, both cut to the card's
+    own limit (99 KB on sm86/sm89). SCALED_ATTENTION_ARCH=sm80 forces the A100 table and limit
+    (to check them on an H100).
+    """
+    return _device_arch(torch.device(device).index or 0)
+
+
+def _device_arch(index):
+    props = torch.cuda.get_device_properties(index)
+    arch = os.environ.get("SCALED_ATTENTION_ARCH") or ("sm90" if props.major >= 9 else "sm80")
+    limit = getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT[arch])
+    return arch, min(limit, SHARED_MEMORY_LIMIT[arch])
+
+
+def config_candidates(arch, limit, D, dtype):
+    """The table's configurations for this case whose estimate fits `limit` bytes, best first."""
+    Dp = sum(head_dim_split(D))
+    return [c for c in CONFIGS[arch, min(dtype.itemsize, 4)][Dp]
+            if shared_memory_estimate(c, Dp, dtype.itemsize) <= limit]
+
+
+_FAILED_CONFIGS = set()  # (case, config) that did not compile or launch here
+
+
+def first_that_launches(candidates, case, launch):
+    """launch(config) for the first candidate that compiles and launches; one that runs out of
+    shared memory or registers is remembered for `case` and the next, smaller one tried."""
+    for config in candidates:
+        if (case, config) in _FAILED_CONFIGS:
+            continue
+        try:
+            return launch(config)
+        except _LAUNCH_ERRORS:
+            _FAILED_CONFIGS.add((case, config))
+    raise RuntimeError(f"no attention JVP configuration compiles for {case}")
 
 
 def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
@@ -166,40 +310,65 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
 
     Tensors [B, H, L, D] of one dtype on one device, any strides with a unit last stride;
     a tangent may be None (zero). `out` optionally gives the (o, t_o) tensors to write;
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tuned default.
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the device's table.
     CPU tensors run in Triton's interpreter.
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     assert k.shape == (B, H, Lk, D) and v.shape == (B, H, Lk, D), "q, k, v must be [B, H, L, D]"
+    assert D <= HEAD_DIM_MAX, f"head dim {D} > {HEAD_DIM_MAX}: use attention_math"
     t_q, t_k, t_v = (torch.zeros_like(x) if t is None else t.to(x.dtype).expand_as(x)
                      for x, t in ((q, t_q), (k, t_k), (v, t_v)))
     q, k, v, t_q, t_k, t_v = (x if x.stride(-1) == 1 else x.contiguous()
                               for x in (q, k, v, t_q, t_k, t_v))
     if out is None:
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
-    o, t_o = out
+    launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config)
+    if config is not None:
+        launch(config)
+    elif not q.is_cuda:  # the interpreter runs any configuration
+        launch((32, 32, 4, 1))
+    elif torch.compiler.is_compiling():  # Inductor compiles the kernel later; the estimate fits
+        launch(_first_candidate(q.device.index or 0, q.dtype, D))
+    else:
+        first_that_launches(config_candidates(*device_arch(q.device), D, q.dtype), (q.device, q.dtype, D), launch)
+    return tuple(out)
+
+
+@torch.compiler.assume_constant_result  # evaluated while torch.compile traces, a constant after
+def _first_candidate(index, dtype, D):
+    return config_candidates(*_device_arch(index), D, dtype)[0]
+
+
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config):
+    """Launches the kernel; returns Triton's compiled kernel (None in the interpreter)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    BLOCK_M, BLOCK_N, num_warps, num_stages = config
+    D0, D1 = head_dim_split(D)
     interpret = not q.is_cuda
-    BLOCK_M, BLOCK_N, num_warps, num_stages = config or _default_config(D, q.dtype)
     if q.dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpret else "ieee"
     else:
         precision = "tf32"  # ignored for 16-bit operands
-    grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
     strides = [s for x in (q, k, v, t_q, t_k, t_v, o, t_o) for s in x.stride()[:3]]
-    _kernel(interpret)[grid](
-        q, k, v, t_q, t_k, t_v, o, t_o, *strides, H, Lq, Lk, D ** -0.5,
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EVEN_M=Lq % BLOCK_M == 0,
-        EVEN_N=Lk % BLOCK_N == 0, INPUT_PRECISION=precision,
-        **({} if interpret else dict(num_warps=num_warps, num_stages=num_stages)))
-    return o, t_o
+    align = 8  # the largest of 8, 4, 2, 1 that divides every stride
+    for s in strides:
+        while s % align:
+            align //= 2
+    grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
+    return _attention_jvp_kernel[grid](
+        q, k, v, t_q, t_k, t_v, o, t_o, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
+        D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):
     """Whether the Triton kernel can compute this call's JVP (else: math path)."""
     on_device = q.is_cuda or (INTERPRET_ON_CPU and q.device.type == "cpu")
     return (triton is not None and on_device and q.dim() == k.dim() == v.dim() == 4
-            and q.shape[-1] in HEAD_DIMS and k.shape[-1] == q.shape[-1] == v.shape[-1]
+            and 0 < q.shape[-1] <= HEAD_DIM_MAX and k.shape[-1] == q.shape[-1] == v.shape[-1]
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
             and k.shape[:2] == q.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]
@@ -209,7 +378,8 @@ def kernel_supported(q, k, v):
 #----------------------------------------------------------------------------
 # Autograd plumbing. The tangents travel into forward as extra inputs, so that forward, which
 # runs on plain tensors under torch.func.jvp too, computes (o, t_o) in one launch; jvp only
-# hands back the saved t_o.
+# hands back the saved t_o. Reverse mode: through o by fused SDPA; through t_o (methods that
+# train on the tangent, e.g. MeanFlow) by recomputing on the math path, with L x L memory.
 
 class _AttentionJVP(torch.autograd.Function):
 
@@ -219,28 +389,41 @@ class _AttentionJVP(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v = inputs[:3]
         o, t_o = output
         ctx.mark_non_differentiable(t_o)
         ctx.set_materialize_grads(False)  # jvp ignores its tangents: don't fill zeros for them
-        ctx.save_for_forward(t_o)
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_forward(t_o, *inputs)
+        ctx.save_for_backward(*inputs[:3])
 
     @staticmethod
     def jvp(ctx, *tangents):
-        t_o, = ctx.saved_tensors
-        return t_o, None
+        t_o, *inputs = ctx.saved_tensors
+        return _AttentionTangent.apply(t_o, *inputs), None
 
     @staticmethod
     def backward(ctx, grad_o, grad_t_o):
-        # Reverse mode of o through fused SDPA; t_o itself is not differentiable.
-        q, k, v = ctx.saved_tensors
         if grad_o is None:
-            return None, None, None, None, None, None
-        with torch.enable_grad():
-            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v)
-        return *torch.autograd.grad(o, (q, k, v), grad_o), None, None, None
+            return (None,) * 6
+        _, sdpa_vjp = torch.func.vjp(F.scaled_dot_product_attention, *ctx.saved_tensors)
+        return *sdpa_vjp(grad_o), None, None, None
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """The kernel's t_o as a function of (q, k, v, t_q, t_k, t_v), for reverse mode through the
+    tangent: forward hands t_o back, backward differentiates the math path's t_o."""
+
+    @staticmethod
+    def forward(t_o, q, k, v, t_q, t_k, t_v):
+        return t_o
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad_t_o):
+        _, math_vjp = torch.func.vjp(lambda *xs: attention_jvp_math(*xs)[1], *ctx.saved_tensors)
+        return None, *math_vjp(grad_t_o)
 
 
 def _plain(x):
