@@ -20,8 +20,8 @@ per-phase time breakdown and the top CUDA kernels of one eager sCD step; the 2-s
 time of a frozen net at batch 1 and 64, eager and replayed from a CUDA graph.
 
     python benchmarks/scaled_step.py --out benchmarks/results/scaled_step_h100.json
-    python benchmarks/scaled_step.py --presets dit-b --modes eager,compile --sampling unet-s
-    python benchmarks/scaled_step.py --device cpu --presets unet-tiny,dit-tiny --batch 2   # dry run
+    python benchmarks/scaled_step.py --runs dit-b:eager,dit-b:compile,sampling:unet-s
+    python benchmarks/scaled_step.py --device cpu --runs unet-tiny:eager,dit-tiny:compile --batch 2   # dry run
 
 Writes the JSON after each measurement (a killed run keeps what it measured) and prints a table.
 """
@@ -416,7 +416,7 @@ def run_preset(preset, mode, device, capacity_gib, peak_flops, args, log):
     return result
 
 
-def run_sampling(preset, device, batches, args):
+def run_sampling(preset, device, batches):
     """2-step sampling of a frozen bf16 net (two network evaluations): eager and a CUDA graph."""
     torch.manual_seed(0)
     with torch.device(device):
@@ -494,13 +494,10 @@ def print_table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="dit-xl,unet-xl,unet-xxl,unet-s,unet-m,unet-l,dit-b",
-                        help="comma-separated presets, in the order to run")
-    parser.add_argument("--modes", default="eager,ckpt", help="comma-separated modes: " + ", ".join(MODES))
-    parser.add_argument("--compile-presets", default="dit-xl",
-                        help="presets also run with compiled regions (mode compile)")
-    parser.add_argument("--ckpt-presets", default="unet-xl,unet-xxl,dit-xl", help="presets run in mode ckpt")
-    parser.add_argument("--sampling", default="unet-xxl", help="presets whose 2-step sampling is timed")
+    parser.add_argument("--runs", default="dit-xl:eager,unet-xl:eager,dit-xl:compile,unet-xxl:eager,unet-xxl:ckpt,"
+                        "sampling:unet-xxl,unet-xl:ckpt,dit-xl:ckpt,unet-s:eager,unet-m:eager,unet-l:eager,dit-b:eager",
+                        help="comma-separated PRESET:MODE (modes: " + ", ".join(MODES) + ") or sampling:PRESET, "
+                             "in the order to run (compile runs use the batch of an earlier eager run)")
     parser.add_argument("--sampling-batches", default="1,64")
     parser.add_argument("--precision", default="unet-s,dit-b", help="presets of the bf16-vs-fp32 check")
     parser.add_argument("--profile", default="unet-xl,dit-xl", help="presets whose eager sCD step is profiled")
@@ -513,13 +510,16 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/scaled_step.json")
     args = parser.parse_args(argv)
     split = lambda text: [x for x in text.split(",") if x]
-    for preset in split(args.presets) + split(args.sampling) + split(args.precision) + split(args.compile_presets):
+    runs = [tuple(run.split(":", 1)) for run in split(args.runs)]
+    for run in runs:
+        if len(run) != 2 or run[0] != "sampling" and run[1] not in MODES:
+            print(f"error: bad run {':'.join(run)!r}; write PRESET:MODE (modes: {', '.join(MODES)}) or "
+                  "sampling:PRESET", file=sys.stderr)
+            return 2
+    for preset in [run[1] if run[0] == "sampling" else run[0] for run in runs] + split(args.precision):
         if preset not in PRESETS:
             print(f"error: unknown preset {preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
             return 2
-    if any(mode not in MODES for mode in split(args.modes)):
-        print(f"error: modes must be among {', '.join(MODES)}", file=sys.stderr)
-        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; use --device cpu for a dry run", file=sys.stderr)
         return 2
@@ -553,54 +553,41 @@ def main(argv=None):
     capacity = results["environment"]["memory_gib"]
     log(f"{results['environment']}")
     save()
-    failed = False
     for preset in split(args.precision):
         if within_budget(f"precision {preset}"):
-            results["precision"][preset] = precision_check(preset, device, {})
-            log(f"bf16 vs fp32 {preset}: {results['precision'][preset]}")
+            try:
+                results["precision"][preset] = precision_check(preset, device, {})
+                log(f"bf16 vs fp32 {preset}: {results['precision'][preset]}")
+            except Exception as error:
+                traceback.print_exc()
+                results["failures"].append(f"precision {preset}: {type(error).__name__}: {error}")
             save()
-    plan = []
-    for preset in split(args.presets):
-        for mode in split(args.modes):
-            if mode == "eager" or (mode.startswith("ckpt") and preset in split(args.ckpt_presets)):
-                plan.append((preset, mode))
-        if preset in split(args.compile_presets):
-            plan.append((preset, "compile"))
-    sampling_done = False
-    for preset, mode in plan:
-        if preset == "unet-xxl" and not sampling_done:   # sampling before the long tail of presets
-            for sampled in split(args.sampling):
-                if within_budget(f"sampling {sampled}"):
-                    results["sampling"] += run_sampling(sampled, device, [int(b) for b in split(args.sampling_batches)], args)
-                    log(f"sampling {sampled}: {results['sampling'][-2:]}")
-                    save()
-            sampling_done = True
-        if not within_budget(f"{preset} {mode}"):
+    for first, second in runs:
+        what = f"{first} {second}"
+        if not within_budget(what):
             continue
-        log(f"{preset} {mode}")
+        log(what)
         try:
-            results["steps"].append(run_preset(preset, mode, device, capacity, peak_flops, args, log))
-            log(json.dumps({k: v for k, v in results["steps"][-1].items() if k != "top_kernels"}))
+            if first == "sampling":
+                results["sampling"] += run_sampling(second, device, [int(b) for b in split(args.sampling_batches)])
+                log(json.dumps(results["sampling"][-1]))
+            else:
+                results["steps"].append(run_preset(first, second, device, capacity, peak_flops, args, log))
+                log(json.dumps({k: v for k, v in results["steps"][-1].items() if k != "top_kernels"}))
         except CompiledTangentMismatch as error:
-            print(f"FAILED: {preset}: {error}", file=sys.stderr, flush=True)
-            results["compiled_tangents"][preset] = dict(failed=str(error))
-            results["failures"].append(f"{preset}: {error}")
-            failed = True
-        except Exception as error:   # keep measuring the other presets; the JSON says what broke
+            print(f"FAILED: {first}: {error}", file=sys.stderr, flush=True)
+            results["compiled_tangents"][first] = dict(failed=str(error))
+            results["failures"].append(f"{first}: {error}")
+        except Exception as error:   # keep measuring the other runs; the JSON says what broke
             traceback.print_exc()
-            results["failures"].append(f"{preset} {mode}: {type(error).__name__}: {error}")
+            results["failures"].append(f"{what}: {type(error).__name__}: {error}")
             reset_memory(device)
         save()
-    if not sampling_done:
-        for sampled in split(args.sampling):
-            if within_budget(f"sampling {sampled}"):
-                results["sampling"] += run_sampling(sampled, device, [int(b) for b in split(args.sampling_batches)], args)
-                save()
     results["total_s"] = round(time.perf_counter() - start, 1)
     save()
     print_table(results)
     print(f"wrote {out}")
-    return 1 if failed or results["failures"] else 0
+    return 1 if results["failures"] else 0
 
 
 if __name__ == "__main__":
