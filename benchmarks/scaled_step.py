@@ -46,7 +46,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import scm_min  # noqa: E402
 from scaled import attention as attention_module  # noqa: E402
 from scaled.networks import PRESETS, freeze, make_net, project_weights_  # noqa: E402
-from scaled.step import forward_ad_jvp, prepare, sample_few_step, scm_loss, teacher_loss, TrainStep  # noqa: E402
+from scaled.step import (RecordingJVP, TrainStep, forward_ad_jvp, prepare, sample_few_step, scm_loss,  # noqa: E402
+                         teacher_loss)
 
 MODES = {"eager": dict(compile=False, checkpoint=False), "ckpt": dict(compile=False, checkpoint=True),
          "compile": dict(compile=True, checkpoint=False), "compile+ckpt": dict(compile=True, checkpoint=True)}
@@ -278,16 +279,6 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-class RecordingJVP:
-    def __init__(self, jvp=forward_ad_jvp):
-        self.jvp, self.calls = jvp, []
-
-    def __call__(self, fn, primals, tangents):
-        output = self.jvp(fn, primals, tangents)
-        self.calls.append((primals, tangents, output))
-        return output
-
-
 @contextlib.contextmanager
 def exact_fp32():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -305,9 +296,8 @@ def scd_quantities(student, teacher, x0, labels, seed=3):
     student.zero_grad(set_to_none=True)
     loss, _ = scm_loss(student, teacher, warmup_steps=0, jvp=jvp)(student, x0, 0, class_labels=labels)
     loss.mean().backward()
-    ((x, t), (t_x, _), (F, tangent)), = jvp.calls
-    cos_sin = (torch.cos(t) * torch.sin(t)).reshape(-1, 1, 1, 1)
-    g = scm_min.scm_g(F, tangent, x * scm_min.SIGMA_D, t, t_x * scm_min.SIGMA_D / cos_sin)
+    (_, _, _, (F, tangent)), = jvp.calls
+    _, g = jvp.target()
     grad = torch.cat([p.grad.flatten() for name, p in student.named_parameters()
                       if p.grad is not None and not name.startswith("logvar.")])   # the network's, not the weighting head's
     return dict(g=g.detach(), loss=loss.detach(), grad=grad, tangent=tangent)

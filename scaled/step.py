@@ -23,10 +23,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scaled.networks import is_functorch_wrapped, project_weights_
-from scm_min import (SCMLoss, TeacherLoss, consistency_times, sample_consistency, sample_teacher,
-                     teacher_times)
+from scm_min import (SIGMA_D, SCMLoss, TeacherLoss, consistency_times, sample_consistency, sample_teacher,
+                     scm_g, teacher_times)
 
-__all__ = ["forward_ad_jvp", "prepare", "scm_loss", "teacher_loss", "TrainStep", "classifier_free_guidance",
+__all__ = ["forward_ad_jvp", "RecordingJVP", "prepare", "scm_loss", "teacher_loss", "TrainStep", "classifier_free_guidance",
            "sample_few_step", "sample_teacher_guided"]
 
 # Time proposals for ImageNet 512 (sCM v2, Sec. 6 / App.): consistency model and teacher.
@@ -44,6 +44,31 @@ def forward_ad_jvp(fn, primals, tangents):
         output = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
         primal, tangent = fwAD.unpack_dual(output)
     return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+class RecordingJVP:
+    """A jvp function (torch.func.jvp's signature) that records each call, for checking the
+    tangent and the target g that a step used (tests, benchmarks)."""
+
+    def __init__(self, jvp=forward_ad_jvp):
+        self.jvp, self.calls = jvp, []
+
+    def __call__(self, fn, primals, tangents):
+        output = self.jvp(fn, primals, tangents)
+        self.calls.append((fn, primals, tangents, output))
+        return output
+
+    def trajectory(self, call=-1):
+        """(x_t, t, dx_t/dt) of a recorded scm_min.scm_jvp call, its tangent scaling undone."""
+        _, (x, t), (t_x, _), _ = self.calls[call]
+        cos_sin = (torch.cos(t) * torch.sin(t)).reshape(-1, *([1] * (x.ndim - 1)))
+        return x * SIGMA_D, t, t_x * SIGMA_D / cos_sin
+
+    def target(self, r=1.0, call=-1):
+        """(F^-, g) of a recorded scm_jvp call, g by scm_min.scm_g with warm-up factor r."""
+        F, cos_sin_dF_dt = self.calls[call][3]
+        x_t, t, dxt_dt = self.trajectory(call)
+        return F, scm_g(F, cos_sin_dF_dt, x_t, t, dxt_dt, r)
 
 
 def _block_forward(block, *args):

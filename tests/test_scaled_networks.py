@@ -9,7 +9,7 @@ import torch
 
 import scm_min
 from scaled.networks import PAPER_PARAMS, PRESETS, MPConv, freeze, make_net, project_weights_
-from scaled.step import (TrainStep, classifier_free_guidance, forward_ad_jvp, prepare, sample_few_step, scm_loss,
+from scaled.step import (RecordingJVP, TrainStep, classifier_free_guidance, prepare, sample_few_step, scm_loss,
                          teacher_loss)
 
 TINY = ["unet-tiny", "dit-tiny"]
@@ -41,18 +41,6 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-class RecordingJVP:
-    """A jvp function that remembers its last call, to check the tangent the sCM step used."""
-
-    def __init__(self, jvp=forward_ad_jvp):
-        self.jvp, self.calls = jvp, []
-
-    def __call__(self, fn, primals, tangents):
-        output = self.jvp(fn, primals, tangents)
-        self.calls.append((fn, primals, tangents, output))
-        return output
-
-
 @pytest.mark.parametrize("name", [name for name in PAPER_PARAMS])
 def test_preset_parameter_counts_are_the_papers(name):
     with torch.device("meta"):
@@ -75,10 +63,9 @@ def test_step_tangent_matches_a_float64_central_difference_along_the_trajectory(
     assert relative_error(tangent, difference) < 1e-6
     torch.testing.assert_close(F, fn(x, t))
     # And g = cos t df/dt of the consistency function f = cos t x_t - sin t sigma_d F along the
-    # teacher's trajectory (velocity dx_t/dt = t_x sigma_d / (cos t sin t)).
-    cos_sin = torch.cos(t) * torch.sin(t)
-    x_t, dxt_dt = x * scm_min.SIGMA_D, t_x * scm_min.SIGMA_D / cos_sin[:, None, None, None]
-    g = scm_min.scm_g(F, tangent, x_t, t, dxt_dt)
+    # teacher's trajectory.
+    x_t, t, dxt_dt = jvp.trajectory()
+    _, g = jvp.target()
     f = functools.partial(scm_min.consistency_fn, fn)
     df_dt = (f(x_t + h * dxt_dt, t + h) - f(x_t - h * dxt_dt, t - h)) / (2 * h)
     assert relative_error(g, torch.cos(t)[:, None, None, None] * df_dt) < 1e-6
@@ -143,11 +130,10 @@ def test_bf16_and_fp32_steps_agree(name):
         torch.manual_seed(0)
         loss, logs = scm_loss(net, teacher, warmup_steps=0, jvp=jvp)(net, x0, step=0, **cond)
         loss.mean().backward()
-        (fn, (x, t), (t_x, _), (F, tangent)), = jvp.calls
-        x_t, dxt_dt = x * scm_min.SIGMA_D, t_x * scm_min.SIGMA_D / (torch.cos(t) * torch.sin(t))[:, None, None, None]
+        (_, _, _, (F, tangent)), = jvp.calls
         grad = torch.cat([p.grad.flatten() for name, p in net.named_parameters()
                           if p.grad is not None and not name.startswith("logvar.")])
-        results[dtype] = dict(g=scm_min.scm_g(F, tangent, x_t, t, dxt_dt), loss=loss, grad=grad, F=F)
+        results[dtype] = dict(g=jvp.target()[1], loss=loss, grad=grad, F=F)
         assert F.dtype == tangent.dtype == loss.dtype == torch.float32   # F, g and the loss in fp32
     errors = {key: relative_error(results[torch.bfloat16][key], results[torch.float32][key]) for key in results[dtype]}
     assert errors["g"] < 0.03 and errors["loss"] < 0.03 and errors["grad"] < 0.1, errors
