@@ -35,10 +35,11 @@ from torch import nn
 from scaled.attention import attention
 from scm_min import AdaptiveWeight, TimeEmbedding, adaptive_double_norm, pixel_norm
 
-__all__ = ["PRESETS", "PAPER_PARAMS", "make_net", "freeze", "project_weights_", "run_block", "UNet", "DiT"]
+__all__ = ["PRESETS", "PAPER_PARAMS", "make_net", "freeze", "project_weights_", "run_block", "run_region", "weight_op",
+           "UNet", "DiT"]
 
 #----------------------------------------------------------------------------
-# Magnitude-preserving operations (EDM2, Sec. 2): each keeps unit-variance inputs at unit variance.
+# Magnitude-preserving operations (EDM2): each keeps unit-variance inputs at unit variance.
 
 MP_SILU_GAIN = 0.596  # sqrt(E[silu(z)^2]) for z ~ N(0, 1)
 
@@ -495,7 +496,7 @@ def freeze(net, dtype=torch.bfloat16):
 
 @torch.no_grad()
 def project_weights_(net):
-    """Forced weight normalization (EDM2, Sec. 2.3): rescale every stored MPConv weight row to unit
+    """EDM2's forced weight normalization: rescale every stored MPConv weight row to unit
     RMS. Call after each optimizer step, never inside a forward or JVP pass."""
     for module in net.modules():
         if isinstance(module, MPConv) and not module.baked:

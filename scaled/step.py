@@ -26,10 +26,10 @@ from scaled.networks import is_functorch_wrapped, project_weights_
 from scm_min import (SIGMA_D, SCMLoss, TeacherLoss, consistency_times, sample_consistency, sample_teacher,
                      scm_g, teacher_times)
 
-__all__ = ["forward_ad_jvp", "RecordingJVP", "prepare", "scm_loss", "teacher_loss", "TrainStep", "classifier_free_guidance",
-           "sample_few_step", "sample_teacher_guided"]
+__all__ = ["forward_ad_jvp", "RecordingJVP", "prepare", "scm_loss", "teacher_loss", "TrainStep",
+           "classifier_free_guidance", "sample_few_step", "sample_teacher_guided"]
 
-# Time proposals for ImageNet 512 (sCM v2, Sec. 6 / App.): consistency model and teacher.
+# Time proposals of sCM v2's ImageNet 512 runs: consistency model and teacher.
 IMAGENET512_P = dict(P_mean=-0.8, P_std=1.6)
 IMAGENET512_TEACHER_P = dict(P_mean=-0.4, P_std=1.0)
 
@@ -38,8 +38,8 @@ IMAGENET512_TEACHER_P = dict(P_mean=-0.4, P_std=1.0)
 
 def forward_ad_jvp(fn, primals, tangents):
     """(fn(*primals), its derivative along tangents), like torch.func.jvp, through forward-mode
-    dual tensors: each op propagates its tangent, and a block prepared with compile=True computes
-    its own JVP in one compiled graph. Call under torch.no_grad() for the sCM JVP pass."""
+    dual tensors: each op propagates its tangent, and the regions of a block prepared with
+    compile=True compute theirs in compiled graphs. Call under torch.no_grad() for the sCM JVP pass."""
     with fwAD.dual_level():
         output = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
         primal, tangent = fwAD.unpack_dual(output)
