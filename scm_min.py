@@ -133,8 +133,14 @@ def tangent_warmup(step, H):
 #----------------------------------------------------------------------------
 # Networks. Convention: net(x, t) with x = x_t / SIGMA_D [B, ...] and t [B] returns F, x's shape.
 
-def pixel_norm(x, eps=1e-4):
-    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+def pixel_norm(x, eps=1e-4, dim=-1):
+    return x / torch.sqrt(x.pow(2).mean(dim=dim, keepdim=True) + eps)
+
+
+# Adaptive double normalization (Sec. 4.1): y = norm(h) * pixelnorm(s(c)) + pixelnorm(b(c)), with h
+# already normalized by the caller; `dim` is the channel axis of s and b, which broadcast against h.
+def adaptive_double_norm(h, s, b, dim=-1):
+    return h * pixel_norm(s, dim=dim).to(h.dtype) + pixel_norm(b, dim=dim).to(h.dtype)
 
 
 class TimeEmbedding(nn.Module):
@@ -164,7 +170,7 @@ class ResidualBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, width))
 
     def forward(self, h, c):
-        y = self.norm(h) * pixel_norm(self.scale(c)) + pixel_norm(self.shift(c))
+        y = adaptive_double_norm(self.norm(h), self.scale(c), self.shift(c))
         return h + self.mlp(y)
 
 
