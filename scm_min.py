@@ -200,6 +200,135 @@ class AdaptiveWeight(nn.Module):
     def forward(self, t):
         return self.linear(self.embed(t)).squeeze(1)  # [B]
 
+
+# The image network: a compact DDPM++-style U-Net (Song et al. 2021, as in EDM, Karras et al. 2022)
+# with the changes of Sec. 4.1 that the toy net has too: c_noise(t) = t with sinusoidal features,
+# adaptive double normalization in every residual block, no forced weight normalization (its
+# in-place write is refused by torch.func.jvp). Attention is plain matmul-softmax, which
+# forward-mode AD supports (fused SDPA kernels do not; 256 tokens at 16x16 are few).
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for q, k, v [B, heads, L, d]."""
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)  # [B, heads, L, L]
+    return weights @ v
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm in float32 whatever the input dtype. Under CPU autocast a bfloat16 input gave a
+    bfloat16 output with a float32 tangent, which the next convolution's JVP refused."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+def _group_norm(channels, affine=True):
+    return GroupNorm32(min(32, channels // 4), channels, affine=affine)
+
+
+def _zero(module):
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class UNetBlock(nn.Module):
+    """Residual block: norm, SiLU, conv, then adaptive double normalization
+    y = norm(h) * pixelnorm(s(c)) + pixelnorm(b(c)), SiLU, dropout, conv; skip scale 1/sqrt(2) as in
+    EDM; optionally self-attention after it. The modulation of the time embedding c stays float32."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, dropout=0.0, use_attention=False, head_channels=64):
+        super().__init__()
+        self.norm0 = _group_norm(in_channels)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.scale = nn.Linear(emb_channels, out_channels)
+        self.shift = nn.Linear(emb_channels, out_channels)
+        self.norm1 = _group_norm(out_channels, affine=False)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.heads = out_channels // head_channels if use_attention else 0
+        if use_attention:
+            self.norm2 = _group_norm(out_channels)
+            self.qkv = nn.Conv2d(out_channels, 3 * out_channels, 1)
+            self.proj = _zero(nn.Conv2d(out_channels, out_channels, 1))
+
+    def forward(self, x, c):
+        h = self.conv0(nn.functional.silu(self.norm0(x)))
+        with torch.autocast(x.device.type, enabled=False):
+            s, b = pixel_norm(self.scale(c))[:, :, None, None], pixel_norm(self.shift(c))[:, :, None, None]
+        h = self.conv1(self.dropout(nn.functional.silu(self.norm1(h) * s + b)))
+        x = (self.skip(x) + h) / math.sqrt(2)
+        if self.heads:
+            B, C, H, W = x.shape
+            qkv = self.qkv(self.norm2(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+            q, k, v = qkv.transpose(3, 4).unbind(1)  # [B, heads, HW, C / heads] each
+            a = attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+            x = (x + self.proj(a)) / math.sqrt(2)
+        return x
+
+
+class Downsample(nn.Conv2d):
+    def __init__(self, channels):
+        super().__init__(channels, channels, 3, stride=2, padding=1)
+
+
+class Upsample(nn.Conv2d):
+    def __init__(self, channels):
+        super().__init__(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return super().forward(nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """U-Net for images [B, C, H, W] conditioned on t: `levels` resolutions (halving each time) with
+    channels * mult channels and `blocks` residual blocks each, attention at the resolutions in
+    `attention_at` and in the middle; skip connections by concatenation (DDPM++).
+    `mixed_precision`: run the convolutions and attention in bfloat16 (autocast); the time
+    embedding, its modulation, the normalizations and the output stay float32."""
+
+    def __init__(self, resolution=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2), blocks=2,
+                 attention_at=(16,), dropout=0.0, max_freq=32.0, mixed_precision=False):
+        super().__init__()
+        self.mixed_precision = mixed_precision
+        emb = 4 * channels
+        self.embed = TimeEmbedding(channels, max_freq)
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU())
+        self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [channels], channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(blocks):
+                self.down.append(UNetBlock(ch, channels * mult, emb, dropout, resolution >> level in attention_at))
+                ch = channels * mult
+                skips.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+        self.mid = nn.ModuleList([UNetBlock(ch, ch, emb, dropout, True), UNetBlock(ch, ch, emb, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(blocks + 1):
+                self.up.append(UNetBlock(ch + skips.pop(), channels * mult, emb, dropout,
+                                         resolution >> level in attention_at))
+                ch = channels * mult
+            if level > 0:
+                self.up.append(Upsample(ch))
+        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1)))
+
+    def forward(self, x, t):
+        c = self.time_mlp(self.embed(t))  # [B, 4 channels], float32
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.mixed_precision):
+            h = self.inp(x)
+            skips = [h]
+            for layer in self.down:
+                h = layer(h, c) if isinstance(layer, UNetBlock) else layer(h)
+                skips.append(h)
+            for layer in self.mid:
+                h = layer(h, c)
+            for layer in self.up:
+                h = layer(torch.cat([h, skips.pop()], dim=1), c) if isinstance(layer, UNetBlock) else layer(h)
+            return self.out(h).to(x.dtype)  # [B, C, H, W]
+
 #----------------------------------------------------------------------------
 # Losses: loss(net, x0, step, **cond) -> (per-sample loss [B], logs). The training loop reduces
 # them. `cond` (class labels, a guidance scale) goes to every network call unchanged.
@@ -418,27 +547,37 @@ class PowerEMA:
         for b_ema, b in zip(self.net.buffers(), source.buffers()):
             b_ema.copy_(b)
 
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["net"])
+        self.num_updates = state["num_updates"]
+
 
 class Progress:
     """Progress of a training phase: a tqdm bar in a terminal; otherwise (stderr redirected to a
     file) a plain line every `interval` seconds. Each of those lines also goes to `log_path`."""
 
-    def __init__(self, total, phase, log_path=None, interval=5.0):
+    def __init__(self, total, phase, log_path=None, interval=5.0, first_step=0):
         self.total, self.phase, self.log_path, self.interval = total, phase, log_path, interval
-        self.bar = tqdm(total=total, desc=phase, mininterval=1.0) if sys.stderr.isatty() else None
+        self.first_step = first_step  # where a resumed phase starts; the rate counts from there
+        self.bar = (tqdm(total=total, initial=first_step, desc=phase, mininterval=1.0)
+                    if sys.stderr.isatty() else None)
         self.start = self.last = time.perf_counter()
 
     def update(self, step, **values):
-        """Call once per finished step (0-based) with the values to show (floats)."""
+        """Call once per finished step (0-based) with the values to show (floats or 0-d tensors,
+        read only when a line is shown: reading a GPU tensor waits for the GPU)."""
         now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(1)
         if now - self.last < self.interval and step + 1 < self.total:
             return
         self.last = now
-        rate = (step + 1) / max(now - self.start, 1e-9)
+        rate = (step + 1 - self.first_step) / max(now - self.start, 1e-9)
         eta = (self.total - step - 1) / rate
-        shown = " ".join(f"{name} {value:.4g}" for name, value in values.items())
+        shown = " ".join(f"{name} {float(value):.4g}" for name, value in values.items())
         line = (f"{self.phase} {step + 1}/{self.total} {shown} {rate:.1f} it/s "
                 f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         if self.bar is not None:
@@ -455,19 +594,35 @@ class Progress:
 
 
 def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_decay=False, desc="train",
-          log_path=None):
-    """Train `net` on rows of `data` [N, D] (model units); returns (EMA copy of net, history).
-    lr_decay: cosine decay of the learning rate to 0 over `steps` instead of a constant rate."""
+          log_path=None, optimizer=torch.optim.Adam, lr_warmup=0, checkpoint=None, checkpoint_every=0,
+          checkpoint_meta=None):
+    """Train `net`; returns (EMA copy of net, history of loss, grad norm and ||g|| per step).
+    data: rows [N, ...] in model units, drawn uniformly, or a function (batch_size, generator) ->
+    batch on the network's device (augmented images, say).
+    optimizer: its class (Adam, RAdam), betas (0.9, 0.99). lr_decay: cosine decay of the learning
+    rate to 0 over `steps` instead of a constant rate; lr_warmup: a linear ramp over that many steps.
+    checkpoint: a file for the whole training state, written every `checkpoint_every` steps and at
+    the end; if it exists, training resumes from it (a finished one returns at once). It stores
+    `checkpoint_meta` (the configuration, say), which must match on resume."""
+    draw = data if callable(data) else lambda n, generator: data[torch.randint(len(data), (n,), generator=generator)]
     generator = torch.Generator().manual_seed(seed)
     params = [*net.parameters(), *loss_fn.logvar.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)) if lr_decay else 1.0)
+    optimizer = optimizer(params, lr=lr, betas=(0.9, 0.99))
+
+    def lr_factor(step):
+        warmup = min(1.0, (step + 1) / lr_warmup) if lr_warmup else 1.0
+        return warmup * (0.5 * (1 + math.cos(math.pi * step / steps)) if lr_decay else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = PowerEMA(net, ema_sigma_rel)
+    parts = {"net": net, "logvar": loss_fn.logvar, "optimizer": optimizer, "schedule": schedule, "ema": ema}
     history = {"loss": [], "grad_norm": [], "g_norm": []}
-    progress = Progress(steps, desc, log_path)
-    for step in range(steps):
-        x0 = data[torch.randint(len(data), (batch_size,), generator=generator)]
+    first_step = 0
+    if checkpoint and os.path.exists(checkpoint):
+        first_step, history = _load_training_state(checkpoint, checkpoint_meta, parts, generator)
+    recent = {name: [] for name in history}  # device scalars, read in bulk: .item() each step stalls a GPU
+    progress = Progress(steps, desc, log_path, first_step=first_step)
+    for step in range(first_step, steps):
+        x0 = draw(batch_size, generator)
         loss, logs = loss_fn(net, x0, step)
         optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
@@ -475,14 +630,50 @@ def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_dec
         optimizer.step()
         schedule.step()
         ema.update(net)
-        history["loss"].append(loss.mean().item())
-        history["grad_norm"].append(grad_norm.item())
-        if "g_norm" in logs:
-            history["g_norm"].append(logs["g_norm"].item())
-        progress.update(step, loss=history["loss"][-1], grad_norm=history["grad_norm"][-1],
-                        **({"g_norm": history["g_norm"][-1]} if "g_norm" in logs else {}))
+        shown = {"loss": loss.mean().detach(), "grad_norm": grad_norm, **logs}
+        for name, value in shown.items():
+            recent.setdefault(name, []).append(value)
+        progress.update(step, **shown)
+        if checkpoint and (step + 1 == steps or checkpoint_every and (step + 1) % checkpoint_every == 0):
+            _read_recent(recent, history)
+            _save_training_state(checkpoint, checkpoint_meta, parts, generator, step + 1, history)
+    _read_recent(recent, history)
     progress.close()
     return ema.net, history
+
+
+def _read_recent(recent, history):
+    for name, values in recent.items():
+        if values:
+            history.setdefault(name, []).extend(torch.stack(values).tolist())
+            values.clear()
+
+
+def _save_training_state(path, meta, parts, generator, step, history):
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(step=step, meta=meta, history=history, generator=generator.get_state(), rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_training_state(path, meta, parts, generator):
+    device = next(parts["net"].parameters()).device
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise InputError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); remove it to start over") from None
+    if state["meta"] != meta:
+        changed = sorted(k for k in {**(meta or {}), **(state["meta"] or {})}
+                         if (meta or {}).get(k) != (state["meta"] or {}).get(k))
+        raise InputError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); "
+                         f"use another output folder or remove it")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["history"]
 
 
 def make_student(teacher):
