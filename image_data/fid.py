@@ -92,7 +92,7 @@ def inception_features(model, images, batch_size=500):
     with full_float32():
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device, torch.float32)
-            x = resize_tf_bilinear(x) / 128 - 1  # TF-Inception's input range [-1, 0.9921875]
+            x = (resize_tf_bilinear(x) / 128 - 1).clamp(-1, 127 / 128)  # TF-Inception's input range
             features.append(model(x).reshape(len(x), -1).double().cpu())
     return torch.cat(features).numpy()
 
