@@ -882,14 +882,14 @@ class CifarConfig:
     batch_size: int = option(256, "batch size of every phase")
     optimizer: str = option("adam", "adam or radam, betas (0.9, 0.99)")
     teacher_lr: float = option(5e-4, "teacher learning rate")
-    student_lr: float = option(1e-4, "sCD and sCT learning rate")
-    lr_warmup: int = option(200, "linear learning-rate warm-up iterations of every phase")
+    student_lr: float = option(2e-4, "sCD and sCT learning rate")
+    lr_warmup: int = option(100, "linear learning-rate warm-up iterations of every phase")
     ema_sigma_rel: float = option(0.05, "power-function EMA length relative to the phase (EDM2's sigma_rel)")
     teacher_P_mean: float = option(-1.2, "teacher time proposal: mean of log sigma (EDM's CIFAR-10 value)")
     teacher_P_std: float = option(1.2, "teacher time proposal: std of log sigma")
     P_mean: float = option(-1.0, "student time proposal: mean of log sigma (sCM v2, CIFAR-10)")
     P_std: float = option(1.4, "student time proposal: std of log sigma")
-    warmup_steps: int = option(200, "tangent warm-up iterations H")
+    warmup_steps: int = option(100, "tangent warm-up iterations H")
     tangent_c: float = option(0.1, "tangent normalization constant c")
     t_mid: float = option(1.1, "intermediate time of 2-step sampling (and of the teacher's 2-step DDIM)")
     teacher_sample_steps: int = option(18, "teacher Heun steps (2 evaluations each; EDM samples CIFAR-10 with 18)")
@@ -1025,20 +1025,14 @@ def image_samplers(cfg, teacher, students):
 
 
 @torch.no_grad()
-def sample_pixels(sampler, batches, n, seed, batch_size=1000, on_batch=None):
-    """n uint8 images [n, C, H, W] from sampler(z, generator); the same seed gives every sampler the
-    same noise. on_batch(pixels) sees each batch (Inception features, say) and only the first
-    `batch_size` images are returned."""
+def sample_pixels(sampler, batches, n, seed, batch_size=1000):
+    """Yields n uint8 images [b, C, H, W] in batches, from sampler(z, generator); the same seed gives
+    every sampler the same noise."""
     device = batches.images.device
     generator = torch.Generator(device).manual_seed(seed)
-    first = None
     for start in range(0, n, batch_size):
         shape = (min(batch_size, n - start), *batches.images.shape[1:])
-        pixels = batches.to_pixels(sampler(torch.randn(shape, generator=generator, device=device) * SIGMA_D, generator))
-        first = pixels if first is None else first
-        if on_batch is not None:
-            on_batch(pixels)
-    return first
+        yield batches.to_pixels(sampler(torch.randn(shape, generator=generator, device=device) * SIGMA_D, generator))
 
 
 def fid_reference_statistics(cfg, images, inception, log):
@@ -1099,23 +1093,33 @@ def run_cifar(cfg):
             file.write(message + "\n")
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.fp32
-    torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest convolutions once
     batches = ImageBatches(images, device)
-    log(f"{description} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+    metrics = {"data": description, "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+               "torch": torch.__version__, "fid_samples": cfg.fid_samples}
+    log(f"{description} on {metrics['device']}")
     seconds = {"load": time.perf_counter() - started}
+    reference = None
+    if inception is not None:  # before training: a broken Inception setup fails in seconds, not after it
+        start = time.perf_counter()
+        reference = fid_reference_statistics(cfg, images, inception, log)
+        metrics["fid_reference"] = f"Inception statistics of {reference[2]} of {description}"
+        seconds["fid_reference"] = time.perf_counter() - start
+
+    torch.manual_seed(cfg.seed)
     phase = dict(batch_size=cfg.batch_size, ema_sigma_rel=cfg.ema_sigma_rel, log_path=log_path, lr_warmup=cfg.lr_warmup,
                  optimizer={"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optimizer],
                  checkpoint_every=cfg.checkpoint_every)
-
     start = time.perf_counter()
-    net = cifar_unet(cfg, cfg.teacher_dropout, device)
     loss_fn = TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std)
     loss_fn.logvar.to(device)
-    teacher, _ = train(net, loss_fn, batches, cfg.teacher_steps, lr=cfg.teacher_lr, seed=cfg.seed, desc="teacher",
-                       checkpoint=checkpoints["teacher"], checkpoint_meta=metas["teacher"], **phase)
+    teacher, _ = train(cifar_unet(cfg, cfg.teacher_dropout, device), loss_fn, batches, cfg.teacher_steps,
+                       lr=cfg.teacher_lr, seed=cfg.seed, desc="teacher", checkpoint=checkpoints["teacher"],
+                       checkpoint_meta=metas["teacher"], **phase)
     seconds["teacher"] = time.perf_counter() - start
-    precision = tangent_precision(teacher, batches(64, torch.Generator().manual_seed(cfg.seed)), cfg.P_mean,
-                                  cfg.P_std) if teacher.mixed_precision else None
+    metrics["parameters"] = sum(p.numel() for p in teacher.parameters())
+    metrics["tangent_precision"] = tangent_precision(teacher, batches(64, torch.Generator().manual_seed(cfg.seed)),
+                                                     cfg.P_mean, cfg.P_std) if teacher.mixed_precision else None
     students = {}
     for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
         start = time.perf_counter()
@@ -1127,35 +1131,39 @@ def run_cifar(cfg):
         seconds[kind] = time.perf_counter() - start
 
     start = time.perf_counter()
-    metrics = {"data": description, "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-               "torch": torch.__version__, "parameters": sum(p.numel() for p in teacher.parameters()),
-               "fid_samples": cfg.fid_samples, "nfe": {}, "fid": {}, "tangent_precision": precision}
-    if inception is not None:
-        mu_ref, sigma_ref, reference = fid_reference_statistics(cfg, images, inception, log)
-        metrics["fid_reference"] = f"Inception statistics of {reference} of {description}"
-        seconds["fid_reference"] = time.perf_counter() - start
-    os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
-    for name, (nfe, sampler) in image_samplers(cfg, teacher, students).items():
-        features = []
-        on_batch = (lambda pixels: features.append(fid.inception_features(inception, pixels))) if inception else None
-        pixels = sample_pixels(sampler, batches, max(cfg.fid_samples, 64), cfg.seed + 2, on_batch=on_batch)
-        _atomic_write(os.path.join(cfg.out, "grids", f"{name}.png"),
-                      lambda tmp: image_data.save_image_grid(tmp, pixels[:64]))
-        metrics["nfe"][name] = nfe
-        if features:
-            mu, sigma = fid.feature_statistics(np.concatenate(features))
-            metrics["fid"][name] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
-            log(f"FID {name} ({nfe} NFE, {cfg.fid_samples} samples): {metrics['fid'][name]:.2f}")
+    metrics.update(evaluate_samplers(cfg, image_samplers(cfg, teacher, students), batches, inception, reference, log))
     seconds["sampling_and_fid"] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - started
     metrics["seconds"] = seconds
-    if metrics["fid"]:
-        teacher_fid = metrics["fid"][f"teacher-heun{cfg.teacher_sample_steps}"]
-        metrics["fid_ratio_to_teacher_heun"] = {name: value / teacher_fid for name, value in metrics["fid"].items()}
     metrics["config"] = dataclasses.asdict(cfg)
     _atomic_write(os.path.join(cfg.out, "metrics.json"),
                   lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
     return metrics
+
+
+def evaluate_samplers(cfg, samplers, batches, inception, reference, log):
+    """Writes an 8x8 grid per sampler (the same noise for all) and, with an Inception network, the
+    FID of cfg.fid_samples samples against the reference statistics; returns NFE, FID and the FID
+    ratios to the teacher's Heun solve."""
+    os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+    results = {"nfe": {}, "fid": {}}
+    for name, (nfe, sampler) in samplers.items():
+        grid, features, seen = None, [], 0
+        for pixels in sample_pixels(sampler, batches, max(cfg.fid_samples, 64), cfg.seed + 2):
+            grid = pixels[:64] if grid is None else grid
+            if inception is not None and seen < cfg.fid_samples:
+                features.append(fid.inception_features(inception, pixels[:cfg.fid_samples - seen]))
+            seen += len(pixels)
+        _atomic_write(os.path.join(cfg.out, "grids", f"{name}.png"), lambda tmp: image_data.save_image_grid(tmp, grid))
+        results["nfe"][name] = nfe
+        if features:
+            mu, sigma = fid.feature_statistics(np.concatenate(features))
+            results["fid"][name] = fid.frechet_distance(mu, sigma, *reference[:2])
+            log(f"FID {name} ({nfe} NFE, {cfg.fid_samples} samples): {results['fid'][name]:.2f}")
+    if results["fid"]:
+        teacher_fid = results["fid"][f"teacher-heun{cfg.teacher_sample_steps}"]
+        results["fid_ratio_to_teacher_heun"] = {name: value / teacher_fid for name, value in results["fid"].items()}
+    return results
 
 
 def cifar_main(argv):

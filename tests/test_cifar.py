@@ -143,6 +143,33 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(scm_min.InputError, match="other settings"):
         run(tmp_path / "cut.pt", batches, meta={"preset": "another"})
 
+class CountingInception(torch.nn.Module):
+    """Stands in for the Inception network: counts the images it sees; features are channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, x):
+        self.seen += len(x)
+        return x.mean(dim=(2, 3))  # [N, 3]
+
+
+def test_fid_sees_exactly_fid_samples_images_and_every_sampler_gets_the_same_noise(tmp_path):
+    cfg = scm_min.CifarConfig(**{**scm_min.CIFAR_BUDGETS["tiny"], "fid_samples": 10, "out": str(tmp_path)})
+    batches = scm_min.ImageBatches(tiny_images(), torch.device("cpu"))
+    samplers = {"teacher-heun1": (2, lambda z, g: z), "same": (1, lambda z, g: z.clone()), "negated": (1, lambda z, g: -z)}
+    inception = CountingInception()
+    reference = (np.full(3, 0.1), np.eye(3), "test")
+    results = scm_min.evaluate_samplers(cfg, samplers, batches, inception, reference, log=lambda message: None)
+    assert inception.seen == 3 * 10
+    assert results["nfe"] == {"teacher-heun1": 2, "same": 1, "negated": 1}
+    assert results["fid"]["same"] == results["fid"]["teacher-heun1"] != results["fid"]["negated"]
+    assert results["fid_ratio_to_teacher_heun"]["same"] == 1.0
+    grids = {name: (tmp_path / "grids" / f"{name}.png").read_bytes() for name in samplers}
+    assert grids["same"] == grids["teacher-heun1"] != grids["negated"]
+
 #----------------------------------------------------------------------------
 # The command line.
 
