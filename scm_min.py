@@ -726,22 +726,30 @@ class ToyConfig:
     dry_run: bool = option(False, "print the resolved configuration and exit")
 
 
-def validate(cfg):
-    """Raise InputError, before anything is trained or written, for options that cannot work."""
-    checks = [(cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
-              (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-              (cfg.n_samples >= 2, "--n-samples must be at least 2"),
-              (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
-              (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
-              (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
-              (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
-              (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
-              (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
-              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})"),
-              (cfg.teacher_solver in ("heun", "euler", "ddim"), "--teacher-solver must be heun, euler or ddim")]
+def recipe_checks(cfg):
+    """(ok, message) for the options that the toy and the CIFAR-10 job share."""
+    return [(cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
+            (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+            (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
+            (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
+            (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
+            (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
+            (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
+            (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})")]
+
+
+def raise_first_failed(checks):
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+
+
+def validate(cfg):
+    """Raise InputError, before anything is trained or written, for options that cannot work."""
+    raise_first_failed([*recipe_checks(cfg),
+                        (cfg.n_samples >= 2, "--n-samples must be at least 2"),
+                        (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
+                        (cfg.teacher_solver in ("heun", "euler", "ddim"), "--teacher-solver must be heun, euler or ddim")])
 
 
 def run(cfg):
@@ -930,25 +938,16 @@ STUDENT_FIELDS = {"student_dropout", "student_steps", "student_optimizer", "stud
 
 def validate_cifar(cfg):
     mult = cfg.channel_mult.split(",")
-    checks = [(cfg.budget in CIFAR_BUDGETS, f"--budget must be one of {', '.join(CIFAR_BUDGETS)}"),
-              (all(m.strip().isdigit() and int(m) > 0 for m in mult), "--channel-mult must be positive integers, e.g. 1,2,2,2"),
-              (len(mult) <= 5, "--channel-mult has at most 5 levels (32x32 down to 2x2)"),
-              (cfg.channels >= 4 and cfg.channels % 4 == 0 and cfg.blocks >= 1, "--channels must be a multiple of 4, --blocks >= 1"),
-              (cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
-              (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-              (cfg.student_optimizer in ("adam", "radam"), "--student-optimizer must be adam or radam"),
-              (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
-              (cfg.lr_warmup >= 0 and cfg.checkpoint_every >= 0, "--lr-warmup and --checkpoint-every must be >= 0"),
-              (0 <= cfg.teacher_dropout < 1 and 0 <= cfg.student_dropout < 1, "dropout must be in [0, 1)"),
-              (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
-              (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
-              (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
-              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})"),
-              (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
-              (cfg.fid_samples == 0 or cfg.fid_samples >= 2, "--fid-samples must be 0 (no FID) or at least 2")]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    raise_first_failed([
+        (cfg.budget in CIFAR_BUDGETS, f"--budget must be one of {', '.join(CIFAR_BUDGETS)}"),
+        *recipe_checks(cfg),
+        (all(m.strip().isdigit() and int(m) > 0 for m in mult), "--channel-mult must be positive integers, e.g. 1,2,2,2"),
+        (len(mult) <= 5, "--channel-mult has at most 5 levels (32x32 down to 2x2)"),
+        (cfg.channels >= 4 and cfg.channels % 4 == 0 and cfg.blocks >= 1, "--channels must be a multiple of 4, --blocks >= 1"),
+        (cfg.student_optimizer in ("adam", "radam"), "--student-optimizer must be adam or radam"),
+        (cfg.lr_warmup >= 0 and cfg.checkpoint_every >= 0, "--lr-warmup and --checkpoint-every must be >= 0"),
+        (0 <= cfg.teacher_dropout < 1 and 0 <= cfg.student_dropout < 1, "dropout must be in [0, 1)"),
+        (cfg.fid_samples == 0 or cfg.fid_samples >= 2, "--fid-samples must be 0 (no FID) or at least 2")])
 
 
 def cifar_unet(cfg, dropout, device):
