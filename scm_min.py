@@ -701,7 +701,8 @@ def option(default, help):
 
 @dataclasses.dataclass
 class ToyConfig:
-    data: str = option("8gaussians", "built-in distribution name, or a .npy file of shape [N, 2]")
+    data: str = option("8gaussians", "built-in distribution name, or a .npy file of shape [N, 2]; "
+                       "cifar10 runs the image job (see --data cifar10 --help)")
     out: str = option("out/toy", "output folder")
     seed: int = option(0, "seed for data, initialization, training and sampling")
     teacher_steps: int = option(4000, "teacher (diffusion) iterations")
