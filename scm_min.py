@@ -1042,21 +1042,28 @@ def sample_pixels(sampler, batches, n, seed, batch_size=1000):
         yield batches.to_pixels(sampler(torch.randn(shape, generator=generator, device=device) * SIGMA_D, generator))
 
 
-def fid_reference_statistics(cfg, images, inception, log):
-    """(mu, sigma, description) of the training images' Inception features, from the cache if it
-    holds these very images, else computed and cached."""
-    key = f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
-    path = cfg.fid_reference or os.path.join(cfg.out, "fid_reference.npz")
-    if os.path.exists(path):
-        mu, sigma, description = fid.load_statistics(path)
-        if description == key:
-            return mu, sigma, description
-        if cfg.fid_reference:
-            raise InputError(f"{path} holds statistics of {description}, not of these {key}")
-    log(f"Inception statistics of the {len(images)} training images -> {path}")
+def fid_reference_path(cfg):
+    return cfg.fid_reference or os.path.join(cfg.out, "fid_reference.npz")
+
+
+def cached_fid_reference(cfg, key):
+    """(mu, sigma, key) of the cached Inception statistics if they describe `key` (the training
+    images), else None; InputError if the file that --fid-reference names describes other images."""
+    path = fid_reference_path(cfg)
+    if not os.path.exists(path):
+        return None
+    mu, sigma, description = fid.load_statistics(path)
+    if description == key:
+        return mu, sigma, description
+    if cfg.fid_reference:
+        raise InputError(f"{path} holds statistics of {description}, not of these {key}")
+    return None
+
+
+def compute_fid_reference(cfg, images, key, inception):
     mu, sigma = fid.feature_statistics(fid.inception_features(inception, images))
-    _atomic_write(path, lambda tmp: fid.save_statistics(tmp, mu, sigma, key))
-    return fid.load_statistics(path)  # the cached (float32) covariance, as every later run sees it
+    _atomic_write(fid_reference_path(cfg), lambda tmp: fid.save_statistics(tmp, mu, sigma, key))
+    return fid.load_statistics(fid_reference_path(cfg))  # the cached (float32) covariance, as later runs see it
 
 
 def cpu_estimate_hours(cfg):
@@ -1088,6 +1095,10 @@ def run_cifar(cfg):
     started = time.perf_counter()
     images, description = image_data.load_cifar10(cfg.data_path)
     inception = fid.load_inception(cfg.inception or None, device) if cfg.fid_samples else None
+    reference = None  # the Inception statistics of the training images, cached or computed
+    if inception is not None:
+        reference_key = f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
+        reference = cached_fid_reference(cfg, reference_key)
     meta = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLING_FIELDS}
     metas = {"teacher": {k: v for k, v in meta.items() if k not in STUDENT_FIELDS}, "scd": meta, "sct": meta}
     checkpoints = {phase: os.path.join(cfg.out, "checkpoints", f"{phase}.pt") for phase in metas}
@@ -1109,12 +1120,13 @@ def run_cifar(cfg):
                "torch": torch.__version__, "fid_samples": cfg.fid_samples}
     log(f"{description} on {metrics['device']}")
     seconds = {"load": time.perf_counter() - started}
-    reference = None
-    if inception is not None:  # before training: a broken Inception setup fails in seconds, not after it
-        start = time.perf_counter()
-        reference = fid_reference_statistics(cfg, images, inception, log)
+    if inception is not None:
+        if reference is None:  # before training: a broken Inception setup fails in seconds, not after it
+            start = time.perf_counter()
+            log(f"Inception statistics of the {len(images)} training images -> {fid_reference_path(cfg)}")
+            reference = compute_fid_reference(cfg, images, reference_key, inception)
+            seconds["fid_reference"] = time.perf_counter() - start
         metrics["fid_reference"] = f"Inception statistics of {reference[2]} of {description}"
-        seconds["fid_reference"] = time.perf_counter() - start
 
     torch.manual_seed(cfg.seed)
     phase = dict(batch_size=cfg.batch_size, ema_sigma_rel=cfg.ema_sigma_rel, log_path=log_path, lr_warmup=cfg.lr_warmup,

@@ -173,6 +173,18 @@ def test_fid_sees_exactly_fid_samples_images_and_every_sampler_gets_the_same_noi
     saved = np.load(tmp_path / "samples" / "negated.npz")["images"]
     assert saved.shape == (10, 3, 32, 32) and saved.dtype == np.uint8
 
+def test_cached_reference_statistics_are_used_only_for_the_same_images(tmp_path):
+    from image_data import fid
+    default = scm_min.CifarConfig(out=str(tmp_path))
+    assert scm_min.cached_fid_reference(default, "these images") is None  # nothing cached yet
+    fid.save_statistics(tmp_path / "fid_reference.npz", np.zeros(3), np.eye(3), "these images")
+    mu, sigma, key = scm_min.cached_fid_reference(default, "these images")
+    assert key == "these images" and sigma.shape == (3, 3)
+    assert scm_min.cached_fid_reference(default, "other images") is None  # the default cache is recomputed
+    named = scm_min.CifarConfig(out=str(tmp_path), fid_reference=str(tmp_path / "fid_reference.npz"))
+    with pytest.raises(scm_min.InputError, match="not of these other images"):
+        scm_min.cached_fid_reference(named, "other images")  # a file the user named is never overwritten
+
 #----------------------------------------------------------------------------
 # The command line.
 
