@@ -134,14 +134,43 @@ def tangent_warmup(step, H):
 # Networks. Convention: net(x, t) with x = x_t / SIGMA_D [B, ...] and t [B] returns F, x's shape.
 
 def pixel_norm(x, eps=1e-4):
-    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return nn.functional.rms_norm(x, x.shape[-1:], eps=eps)  # x / sqrt(mean(x^2) + eps)
+
+
+# Forward-mode derivatives, by hand, of the layers ToyMLP is built from: (x, dx) -> (y, dy) with dy
+# the derivative of y along dx. On this small network they make the sCM JVP pass several times
+# faster than torch.func.jvp's generic transform (benchmarks/toy_step.py); tests compare them.
+def pixel_norm_jvp(x, dx, eps=1e-4):
+    rstd = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+    y = x * rstd
+    return y, (dx - y * (y * dx).mean(dim=-1, keepdim=True)) * rstd
+
+
+def layer_jvp(layer, x, dx):
+    if isinstance(layer, nn.Sequential):
+        for sublayer in layer:
+            x, dx = layer_jvp(sublayer, x, dx)
+        return x, dx
+    if isinstance(layer, nn.Linear):
+        return layer(x), dx @ layer.weight.T
+    if isinstance(layer, nn.SiLU):  # d/dx x s(x) = s(x) + x s(x) (1 - s(x))
+        sigmoid = torch.sigmoid(x)
+        y = x * sigmoid
+        return y, dx * (sigmoid + y * (1 - sigmoid))
+    if isinstance(layer, nn.LayerNorm):  # y = (x - mean) rstd, then the optional affine map
+        y, _, rstd = torch.native_layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+        dx = dx - dx.mean(dim=-1, keepdim=True)
+        dy = (dx - y * (y * dx).mean(dim=-1, keepdim=True)) * rstd
+        return (y, dy) if layer.weight is None else (y * layer.weight + layer.bias, dy * layer.weight)
+    if isinstance(layer, nn.Dropout) and not (layer.training and layer.p > 0):
+        return x, dx
+    raise NotImplementedError(f"no forward-mode rule for {layer}")
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal features of c_noise(t) = t (Sec. 4.1): no x1000 scaling, frequencies 1..max_freq.
-    The sCM target contains sin(t) dF/dt, which grows with the highest frequency; too few
-    frequencies starve the teacher instead (max_freq = 4 turned its rings into a blob; see
-    benchmarks/results/toy_quality_notes.md)."""
+    """Sinusoidal features of c_noise(t) = t (Sec. 4.1): no x1000 scaling, frequencies 1..max_freq,
+    spaced evenly in log frequency. The sCM target contains sin(t) dF/dt, which grows with the
+    highest frequency (Sec. 4.1)."""
 
     def __init__(self, dim, max_freq=32.0):
         super().__init__()
@@ -151,40 +180,70 @@ class TimeEmbedding(nn.Module):
         angles = t[:, None] * self.freqs.to(t.dtype)  # [B, dim/2]
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
+    def forward_with_tangent(self, t, dt):
+        angles, d_angles = t[:, None] * self.freqs.to(t.dtype), dt[:, None] * self.freqs.to(t.dtype)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        return torch.cat([cos, sin], dim=1), torch.cat([-sin * d_angles, cos * d_angles], dim=1)
+
 
 class ResidualBlock(nn.Module):
-    """MLP block with adaptive double normalization (Sec. 4.1):
-    y = norm(h) * pixelnorm(s(c)) + pixelnorm(b(c)) replaces AdaGN's norm(h) * (1 + s) + b."""
+    """MLP block with adaptive double normalization (Sec. 4.1): y = norm(h) * scale + shift, where
+    scale = pixelnorm(s(c)) and shift = pixelnorm(b(c)) replace AdaGN's (1 + s(c)) and b(c)."""
 
     def __init__(self, width, dropout=0.0):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.scale = nn.Linear(width, width)
-        self.shift = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, width))
 
-    def forward(self, h, c):
-        y = self.norm(h) * pixel_norm(self.scale(c)) + pixel_norm(self.shift(c))
-        return h + self.mlp(y)
+    def forward(self, h, scale, shift):
+        return h + self.mlp(self.norm(h) * scale + shift)
+
+    def forward_with_tangent(self, h, scale, shift, dh, d_scale, d_shift):
+        y, dy = layer_jvp(self.norm, h, dh)
+        u, du = layer_jvp(self.mlp, y * scale + shift, dy * scale + y * d_scale + d_shift)
+        return h + u, dh + du
 
 
 class ToyMLP(nn.Module):
-    """Residual MLP for points [B, D] conditioned on t; the 2D network of this file."""
+    """Residual MLP for points [B, D] conditioned on t; the 2D network of this file. One linear map
+    of the time features gives the scale and shift of every block."""
 
     def __init__(self, dim=2, width=128, depth=3, emb_dim=64, max_freq=32.0, dropout=0.0):
         super().__init__()
         self.embed = TimeEmbedding(emb_dim, max_freq)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.modulation = nn.Linear(width, 2 * depth * width)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
     def forward(self, x, t):
-        c = self.time_mlp(self.embed(t))  # [B, width]
-        h = self.inp(x)                   # [B, width]
-        for block in self.blocks:
-            h = block(h, c)
-        return self.out(h)                # [B, D]
+        c = self.time_mlp(self.embed(t))                                # [B, width]
+        modulation = pixel_norm(self.modulation(c).unflatten(1, (-1, c.shape[1])))  # [B, 2 depth, width]
+        scales_shifts = modulation.unbind(1)                            # 2 depth x [B, width]
+        h = self.inp(x)                                                 # [B, width]
+        for i, block in enumerate(self.blocks):
+            h = block(h, *scales_shifts[2 * i:2 * i + 2])
+        return self.out(h)                                              # [B, D]
+
+    def forward_with_tangent(self, x, t, dx, dt):
+        """(F, dF): the output and its derivative along (dx, dt), as torch.func.jvp(self, (x, t), (dx, dt))."""
+        c, dc = layer_jvp(self.time_mlp, *self.embed.forward_with_tangent(t, dt))
+        modulation, d_modulation = (m.unflatten(1, (-1, c.shape[1])) for m in layer_jvp(self.modulation, c, dc))
+        modulation, d_modulation = pixel_norm_jvp(modulation, d_modulation)
+        scales_shifts, d_scales_shifts = modulation.unbind(1), d_modulation.unbind(1)
+        h, dh = layer_jvp(self.inp, x, dx)
+        for i, block in enumerate(self.blocks):
+            h, dh = block.forward_with_tangent(h, *scales_shifts[2 * i:2 * i + 2], dh, *d_scales_shifts[2 * i:2 * i + 2])
+        return layer_jvp(self.out, h, dh)
+
+
+def toy_jvp(fn, primals, tangents):
+    """torch.func.jvp(fn, primals, tangents), by ToyMLP's hand-derived tangents where fn is a ToyMLP
+    (without active dropout, whose mask the two would have to share)."""
+    if isinstance(fn, ToyMLP) and not any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in fn.modules()):
+        return fn.forward_with_tangent(*primals, *tangents)
+    return torch.func.jvp(fn, primals, tangents)
 
 
 class AdaptiveWeight(nn.Module):
@@ -223,7 +282,7 @@ class TeacherLoss:
         F = net(trigflow_interpolate(x0, z, t) / SIGMA_D, t, **cond)
         error = _mean_over_dims((F - trigflow_velocity(x0, z, t) / SIGMA_D) ** 2)
         logvar = self.logvar(t)
-        return error * torch.exp(-logvar) + logvar, {}
+        return error * torch.exp(-logvar) + logvar, {"error": error.detach().mean()}
 
 
 def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1, jvp=torch.func.jvp):
@@ -272,7 +331,7 @@ class SCMLoss:
         r = tangent_warmup(step, self.warmup_steps)
         error, g_norm = scm_objective(net, x_t, t, dxt_dt, r, self.tangent_c, self.jvp)
         logvar = self.logvar(t)
-        return error * torch.exp(-logvar) + logvar, {"g_norm": g_norm.mean()}
+        return error * torch.exp(-logvar) + logvar, {"error": error.detach().mean(), "g_norm": g_norm.mean()}
 
 
 #----------------------------------------------------------------------------
@@ -413,8 +472,7 @@ class PowerEMA:
     def update(self, source):
         self.num_updates += 1
         beta = (1 - 1 / self.num_updates) ** (self.gamma + 1)  # 0 at the first update: a copy
-        for p_ema, p in zip(self.net.parameters(), source.parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
+        torch._foreach_lerp_(list(self.net.parameters()), [p.detach() for p in source.parameters()], 1 - beta)
         for b_ema, b in zip(self.net.buffers(), source.buffers()):
             b_ema.copy_(b)
 
@@ -460,11 +518,11 @@ def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_dec
     lr_decay: cosine decay of the learning rate to 0 over `steps` instead of a constant rate."""
     generator = torch.Generator().manual_seed(seed)
     params = [*net.parameters(), *loss_fn.logvar.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), fused=True)  # one kernel for all tensors
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)) if lr_decay else 1.0)
     ema = PowerEMA(net, ema_sigma_rel)
-    history = {"loss": [], "grad_norm": [], "g_norm": []}
+    history = {"loss": [], "grad_norm": []}  # and whatever the loss logs
     progress = Progress(steps, desc, log_path)
     for step in range(steps):
         x0 = data[torch.randint(len(data), (batch_size,), generator=generator)]
@@ -477,10 +535,9 @@ def train(net, loss_fn, data, steps, batch_size, lr, ema_sigma_rel, seed, lr_dec
         ema.update(net)
         history["loss"].append(loss.mean().item())
         history["grad_norm"].append(grad_norm.item())
-        if "g_norm" in logs:
-            history["g_norm"].append(logs["g_norm"].item())
-        progress.update(step, loss=history["loss"][-1], grad_norm=history["grad_norm"][-1],
-                        **({"g_norm": history["g_norm"][-1]} if "g_norm" in logs else {}))
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value.item())
+        progress.update(step, **{key: values[-1] for key, values in history.items()})
     progress.close()
     return ema.net, history
 
@@ -519,7 +576,8 @@ class ToyConfig:
     t_mid: float = option(1.1, "intermediate time of 2-step sampling")
     teacher_sample_steps: int = option(100, "teacher ODE steps for sampling")
     teacher_solver: str = option("heun", "teacher ODE solver: heun (2 evaluations a step), euler or ddim")
-    n_samples: int = option(20000, "samples per sampler (and per reference draw)")
+    n_samples: int = option(100_000, "samples of each 1-2 step sampler, and the size of the reference draw")
+    teacher_samples: int = option(20_000, "samples of the teacher (each costs its ODE's network evaluations)")
     dry_run: bool = option(False, "print the resolved configuration and exit")
 
 
@@ -527,7 +585,7 @@ def validate(cfg):
     """Raise InputError, before anything is trained or written, for options that cannot work."""
     checks = [(cfg.teacher_steps >= 1 and cfg.student_steps >= 1, "iteration counts must be at least 1"),
               (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-              (cfg.n_samples >= 2, "--n-samples must be at least 2"),
+              (cfg.n_samples >= 2 and cfg.teacher_samples >= 2, "--n-samples and --teacher-samples must be at least 2"),
               (cfg.teacher_sample_steps >= 1, "--teacher-sample-steps must be at least 1"),
               (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
               (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
@@ -541,11 +599,14 @@ def validate(cfg):
             raise InputError(message)
 
 
-def run(cfg):
+def run(cfg, log_path=None):
     """Train teacher, sCD and sCT on cfg.data; returns (samples in data units, metrics, histories,
-    reference points)."""
+    reference points). With log_path, the progress lines of every phase go to that file too."""
     validate(cfg)
     train_points, reference, fresh, description = load_data(cfg.data, cfg.n_samples, cfg.seed)
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        pathlib.Path(log_path).write_text(f"config {json.dumps(dataclasses.asdict(cfg))}\n")
     standardizer = Standardizer(train_points)
     data = torch.as_tensor(standardizer.to_model(train_points), dtype=torch.float32)
 
@@ -555,35 +616,40 @@ def run(cfg):
     net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth)
     teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
                                           cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_sigma_rel,
-                                          cfg.seed, lr_decay=cfg.lr_decay, desc="teacher")
+                                          cfg.seed, lr_decay=cfg.lr_decay, desc="teacher", log_path=log_path)
     timings["teacher"] = time.perf_counter() - start
     students = {}
     for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
         start = time.perf_counter()
-        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c)
+        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c, jvp=toy_jvp)
         students[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
                                                 cfg.batch_size, cfg.student_lr, cfg.ema_sigma_rel,
-                                                cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind)
+                                                cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind, log_path=log_path)
         timings[kind] = time.perf_counter() - start
 
+    start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    z = torch.randn(cfg.n_samples, data.shape[1], generator=generator) * SIGMA_D
-    samples = {"teacher": sample_teacher(teacher, z, teacher_times(cfg.teacher_sample_steps), cfg.teacher_solver)}
+    z = torch.randn(max(cfg.n_samples, cfg.teacher_samples), data.shape[1], generator=generator) * SIGMA_D
+    samples = {"teacher": sample_teacher(teacher, z[:cfg.teacher_samples], teacher_times(cfg.teacher_sample_steps),
+                                         cfg.teacher_solver)}
+    z = z[:cfg.n_samples]
     for kind, student in students.items():
         for n_steps in (1, 2):
             samples[f"{kind}-{n_steps}step"] = sample_consistency(
                 student, z, consistency_times(n_steps, cfg.t_mid), generator=generator)
     samples = {name: standardizer.to_data(x.double().numpy()) for name, x in samples.items()}
+    timings["sampling"] = time.perf_counter() - start
 
+    start = time.perf_counter()
     to_model = standardizer.to_model
-    metrics = {"data": description, "n_samples": cfg.n_samples,
-               "headline": "sliced_wasserstein (model units, std 0.5; lower is better)",
-               "sliced_wasserstein": {"data": toy_data.sliced_wasserstein(to_model(fresh), to_model(reference))},
-               "energy_distance": {"data": toy_data.energy_distance(to_model(fresh), to_model(reference))},
-               "seconds": timings}
-    for name, x in samples.items():
-        metrics["sliced_wasserstein"][name] = toy_data.sliced_wasserstein(to_model(x), to_model(reference))
-        metrics["energy_distance"][name] = toy_data.energy_distance(to_model(x), to_model(reference))
+    metrics = {"data": description,
+               "headline": "sliced_wasserstein (model units, std 0.5; lower is better); beside it energy_distance "
+                           "(lower is better) and k-NN precision and recall (k = 3, higher is better); "
+                           "floor: fresh data against the reference at each sampler's sample size",
+               **toy_data.evaluate({name: to_model(x) for name, x in samples.items()}, to_model(reference),
+                                   to_model(fresh))}
+    timings["evaluation"] = time.perf_counter() - start
+    metrics["seconds"] = timings
     return samples, metrics, histories, reference
 
 #----------------------------------------------------------------------------
@@ -629,7 +695,7 @@ def plot_toy(path, reference, samples, metrics, histories, teacher_steps):
     for i, (title, key) in enumerate(curves):
         ax = fig.add_subplot(grid[1, i * span:(i + 1) * span if i < 2 else len(panels)])
         for name, history in histories.items():
-            if history[key]:
+            if history.get(key):
                 ax.plot(_smooth(history[key]), label=name, color=PHASE_COLORS[name])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
@@ -681,7 +747,7 @@ def main(argv=None):
         if cfg.dry_run:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
-        samples, metrics, histories, reference = run(cfg)
+        samples, metrics, histories, reference = run(cfg, log_path=os.path.join(cfg.out, "train.log"))
     except InputError as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, always
         return 2
