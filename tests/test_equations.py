@@ -261,3 +261,16 @@ def test_toy_jvp_hands_active_dropout_to_torch_func_jvp():
     F, dF = scm_min.toy_jvp(net, (x, t), (dx, dt))
     torch.manual_seed(1)
     torch.testing.assert_close((F, dF), torch.func.jvp(net, (x, t), (dx, dt)))
+
+
+@pytest.mark.parametrize("P_mean, P_std", [(-1.0, 1.4), (0.5, 0.3)])
+def test_time_proposal_is_lognormal_in_sigma(P_mean, P_std):
+    # t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2): log(sigma_d tan t) has those moments
+    # and the normal's quartiles (0.6745 standard deviations from the mean).
+    t = scm_min.sample_time(200_000, P_mean, P_std, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert 0 < t.min() and t.max() < math.pi / 2
+    tau = torch.log(SIGMA_D * torch.tan(t))
+    assert abs(tau.mean().item() - P_mean) < 0.01 and abs(tau.std().item() - P_std) < 0.01 * P_std
+    quartiles = torch.quantile(tau[:100_000], torch.tensor([0.25, 0.75], dtype=F64))
+    torch.testing.assert_close(quartiles, P_mean + P_std * torch.tensor([-0.6745, 0.6745], dtype=F64),
+                               atol=0.01 * P_std, rtol=0)
