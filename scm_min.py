@@ -102,7 +102,8 @@ def consistency_tangent(net, x_t, t, dxt_dt):
 # `jvp(fn, primals, tangents) -> (output, output tangent)` is torch.func.jvp or any function with
 # its signature (a JVP that works block by block under FSDP, say).
 def scm_jvp(net, x_t, t, dxt_dt, jvp=torch.func.jvp):
-    """(F, cos(t) sin(t) dF/dt) for the network `net`; call under torch.no_grad()."""
+    """(F, cos(t) sin(t) dF/dt) for the network `net`; call under torch.no_grad() (or see
+    scm_objective's single_pass)."""
     cos_sin_t = torch.cos(t) * torch.sin(t)
     return jvp(net, (x_t / SIGMA_D, t), (_bcast(cos_sin_t, x_t) * dxt_dt / SIGMA_D, cos_sin_t))
 
@@ -138,12 +139,15 @@ def pixel_norm(x, eps=1e-4):
 
 
 # Forward-mode derivatives, by hand, of the layers ToyMLP is built from: (x, dx) -> (y, dy) with dy
-# the derivative of y along dx. On this small network they make the sCM JVP pass several times
-# faster than torch.func.jvp's generic transform (benchmarks/toy_step.py); tests compare them.
+# the derivative of y along dx. y is the layer's own output, with its autograd graph when gradients
+# are on, so one pass can serve as the sCM gradient pass too; dy never carries a graph (the target
+# is a stop-gradient quantity). Tests compare them with torch.func.jvp; benchmarks/toy_step.py
+# times them.
 def pixel_norm_jvp(x, dx, eps=1e-4):
     rstd = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
     y = x * rstd
-    return y, (dx - y * (y * dx).mean(dim=-1, keepdim=True)) * rstd
+    with torch.no_grad():
+        return y, (dx - y * (y * dx).mean(dim=-1, keepdim=True)) * rstd
 
 
 def layer_jvp(layer, x, dx):
@@ -151,19 +155,22 @@ def layer_jvp(layer, x, dx):
         for sublayer in layer:
             x, dx = layer_jvp(sublayer, x, dx)
         return x, dx
-    if isinstance(layer, nn.Linear):
-        return layer(x), dx @ layer.weight.T
-    if isinstance(layer, nn.SiLU):  # d/dx x s(x) = s(x) + x s(x) (1 - s(x))
-        sigmoid = torch.sigmoid(x)
-        y = x * sigmoid
-        return y, dx * (sigmoid + y * (1 - sigmoid))
-    if isinstance(layer, nn.LayerNorm):  # y = (x - mean) rstd, then the optional affine map
-        y, _, rstd = torch.native_layer_norm(x, layer.normalized_shape, None, None, layer.eps)
-        dx = dx - dx.mean(dim=-1, keepdim=True)
-        dy = (dx - y * (y * dx).mean(dim=-1, keepdim=True)) * rstd
-        return (y, dy) if layer.weight is None else (y * layer.weight + layer.bias, dy * layer.weight)
     if isinstance(layer, nn.Dropout) and not (layer.training and layer.p > 0):
         return x, dx
+    if isinstance(layer, nn.LayerNorm):  # y = (x - mean) rstd, then the optional affine map
+        y, mean, rstd = torch.native_layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+        with torch.no_grad():
+            normalized = y if layer.weight is None else (x - mean) * rstd
+            dx = dx - dx.mean(dim=-1, keepdim=True)
+            dy = (dx - normalized * (normalized * dx).mean(dim=-1, keepdim=True)) * rstd
+            return y, dy if layer.weight is None else dy * layer.weight
+    y = layer(x)
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            return y, dx @ layer.weight.T
+        if isinstance(layer, nn.SiLU):  # d/dx x s(x) = s(x) + x s(x) (1 - s(x))
+            sigmoid = torch.sigmoid(x)
+            return y, dx * (sigmoid + y * (1 - sigmoid))
     raise NotImplementedError(f"no forward-mode rule for {layer}")
 
 
@@ -200,7 +207,9 @@ class ResidualBlock(nn.Module):
 
     def forward_with_tangent(self, h, scale, shift, dh, d_scale, d_shift):
         y, dy = layer_jvp(self.norm, h, dh)
-        u, du = layer_jvp(self.mlp, y * scale + shift, dy * scale + y * d_scale + d_shift)
+        with torch.no_grad():
+            d_modulated = dy * scale + y * d_scale + d_shift
+        u, du = layer_jvp(self.mlp, y * scale + shift, d_modulated)
         return h + u, dh + du
 
 
@@ -240,7 +249,8 @@ class ToyMLP(nn.Module):
 
 def toy_jvp(fn, primals, tangents):
     """torch.func.jvp(fn, primals, tangents), by ToyMLP's hand-derived tangents where fn is a ToyMLP
-    (without active dropout, whose mask the two would have to share)."""
+    (without active dropout, whose mask the two would have to share). With gradients on, the output
+    carries its autograd graph and the tangent none (see scm_objective's single_pass)."""
     if isinstance(fn, ToyMLP) and not any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in fn.modules()):
         return fn.forward_with_tangent(*primals, *tangents)
     return torch.func.jvp(fn, primals, tangents)
@@ -285,15 +295,22 @@ class TeacherLoss:
         return error * torch.exp(-logvar) + logvar, {"error": error.detach().mean()}
 
 
-def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1, jvp=torch.func.jvp):
+def scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1, jvp=torch.func.jvp, single_pass=False):
     """Per-sample mean((F_theta - F^- - g)^2) before adaptive weighting, and ||g|| before
     normalization. The JVP pass runs without gradient, then one forward with gradient gives F_theta;
     F^- is that forward's output, detached: with dropout the JVP pass draws another mask, and an F^-
     taken from it would make F_theta - F^- nonzero at theta = theta^-.
+    single_pass: one call of `jvp` with gradient on, whose output is F_theta and whose tangent is
+    detached; for a jvp that builds no graph for the tangent (toy_jvp) this saves the second forward,
+    while torch.func.jvp would record the tangent's graph too and be slower.
     tangent_c=None turns tangent normalization off."""
-    with torch.no_grad():
-        _, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt, jvp)
-    F_theta = net(x_t / SIGMA_D, t)
+    if single_pass:
+        F_theta, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt, jvp)
+        cos_sin_dF_dt = cos_sin_dF_dt.detach()
+    else:
+        with torch.no_grad():
+            _, cos_sin_dF_dt = scm_jvp(net, x_t, t, dxt_dt, jvp)
+        F_theta = net(x_t / SIGMA_D, t)
     F_minus = F_theta.detach()
     with torch.no_grad():
         g = scm_g(F_minus, cos_sin_dF_dt, x_t, t, dxt_dt, r)
@@ -310,12 +327,12 @@ class SCMLoss:
     continuous-time CM objective with weight 1 / (sigma_d tan t) (Sec. 4, Eq. 6 to 8)."""
 
     def __init__(self, teacher=None, P_mean=-1.0, P_std=1.4, warmup_steps=500, tangent_c=0.1,
-                 logvar=None, jvp=torch.func.jvp):
+                 logvar=None, jvp=torch.func.jvp, single_pass=False):
         self.teacher = teacher
         self.P_mean, self.P_std = P_mean, P_std
         self.warmup_steps, self.tangent_c = warmup_steps, tangent_c
         self.logvar = AdaptiveWeight() if logvar is None else logvar
-        self.jvp = jvp
+        self.jvp, self.single_pass = jvp, single_pass  # see scm_objective
 
     def __call__(self, net, x0, step, **cond):
         t = sample_time(len(x0), self.P_mean, self.P_std, device=x0.device, dtype=x0.dtype)
@@ -329,7 +346,7 @@ class SCMLoss:
             else:
                 dxt_dt = pf_ode_velocity(functools.partial(self.teacher, **cond), x_t, t)
         r = tangent_warmup(step, self.warmup_steps)
-        error, g_norm = scm_objective(net, x_t, t, dxt_dt, r, self.tangent_c, self.jvp)
+        error, g_norm = scm_objective(net, x_t, t, dxt_dt, r, self.tangent_c, self.jvp, self.single_pass)
         logvar = self.logvar(t)
         return error * torch.exp(-logvar) + logvar, {"error": error.detach().mean(), "g_norm": g_norm.mean()}
 
@@ -621,7 +638,8 @@ def run(cfg, log_path=None):
     students = {}
     for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
         start = time.perf_counter()
-        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c, jvp=toy_jvp)
+        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c,
+                          jvp=toy_jvp, single_pass=True)
         students[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
                                                 cfg.batch_size, cfg.student_lr, cfg.ema_sigma_rel,
                                                 cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind, log_path=log_path)

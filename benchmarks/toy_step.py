@@ -69,7 +69,7 @@ def make_loss(module, phase, teacher):
     cfg = module.ToyConfig()
     if phase == "teacher":
         return module.TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std)
-    options = {"jvp": module.toy_jvp} if hasattr(module, "toy_jvp") else {}
+    options = {"jvp": module.toy_jvp, "single_pass": True} if hasattr(module, "toy_jvp") else {}
     return module.SCMLoss(teacher if phase == "scd" else None, cfg.P_mean, cfg.P_std, cfg.warmup_steps,
                           cfg.tangent_c, **options)
 

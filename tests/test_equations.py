@@ -197,7 +197,8 @@ def test_discrete_cm_gradient_approaches_scm_gradient_as_dt_shrinks():
     assert relative_errors[0] > 5 * relative_errors[1] > 25 * relative_errors[2], relative_errors
 
 
-def test_F_minus_comes_from_the_gradient_pass_under_dropout():
+@pytest.mark.parametrize("jvp, single_pass", [(torch.func.jvp, False), (scm_min.toy_jvp, True)])
+def test_F_minus_comes_from_the_gradient_pass_under_dropout(jvp, single_pass):
     # With dropout the JVP pass and the gradient pass draw different masks. F^- must be the
     # gradient pass's output (detached), so that F_theta - F^- = 0 at theta = theta^- and the
     # per-sample error is exactly mean(g^2) = ||g||^2 / D.
@@ -205,9 +206,9 @@ def test_F_minus_comes_from_the_gradient_pass_under_dropout():
     net = scm_min.ToyMLP(width=32, depth=2, dropout=0.5).train()
     x0, z, t = (v.float() for v in random_batch(n=256))
     x_t, dxt_dt = scm_min.trigflow_interpolate(x0, z, t), scm_min.trigflow_velocity(x0, z, t)
-    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=None)
+    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=None, jvp=jvp, single_pass=single_pass)
     torch.testing.assert_close(error, g_norm ** 2 / 2, rtol=1e-5, atol=1e-7)
-    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1)
+    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1, jvp=jvp, single_pass=single_pass)
     torch.testing.assert_close(error, (g_norm / (g_norm + 0.1)) ** 2 / 2, rtol=1e-5, atol=1e-7)
 
 
@@ -274,3 +275,32 @@ def test_time_proposal_is_lognormal_in_sigma(P_mean, P_std):
     quartiles = torch.quantile(tau[:100_000], torch.tensor([0.25, 0.75], dtype=F64))
     torch.testing.assert_close(quartiles, P_mean + P_std * torch.tensor([-0.6745, 0.6745], dtype=F64),
                                atol=0.01 * P_std, rtol=0)
+
+
+@pytest.mark.parametrize("jvp", [scm_min.toy_jvp, torch.func.jvp])
+def test_single_pass_objective_has_the_two_pass_value_and_gradient(jvp):
+    # One call of the JVP with gradient on (its output is F_theta) against the reference: the JVP
+    # pass under no_grad with torch.func.jvp, then a separate forward.
+    torch.manual_seed(0)
+    net = scm_min.ToyMLP(width=32, depth=2).double()
+    x0, z, t = random_batch(n=128, seed=9)
+    x_t, dxt_dt = scm_min.trigflow_interpolate(x0, z, t), scm_min.trigflow_velocity(x0, z, t)
+    results = []
+    for jvp_fn, single_pass in ((torch.func.jvp, False), (jvp, True)):
+        net.zero_grad()
+        error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=0.7, jvp=jvp_fn, single_pass=single_pass)
+        error.sum().backward()
+        results.append((error.detach(), g_norm, [p.grad.clone() for p in net.parameters()]))
+    (error, g_norm, grads), (error_1, g_norm_1, grads_1) = results
+    torch.testing.assert_close(error_1, error, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_norm_1, g_norm, rtol=1e-10, atol=1e-12)
+    for grad, grad_1 in zip(grads, grads_1):
+        torch.testing.assert_close(grad_1, grad, rtol=1e-8, atol=1e-12)
+    assert any(grad.abs().max() > 1e-3 for grad in grads)
+
+
+def test_toy_jvp_with_gradients_on_gives_an_output_with_graph_and_a_tangent_without():
+    net = scm_min.ToyMLP(width=16, depth=1)
+    x, t = torch.randn(8, 2), torch.rand(8)
+    F, dF = scm_min.toy_jvp(net, (x, t), (torch.randn(8, 2), torch.ones(8)))
+    assert F.requires_grad and not dF.requires_grad
