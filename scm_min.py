@@ -584,6 +584,7 @@ class ToyConfig:
     ema_sigma_rel: float = option(0.09, "length of the power-function EMA relative to the phase (EDM2's sigma_rel)")
     width: int = option(128, "MLP width")
     depth: int = option(3, "number of residual blocks")
+    max_freq: float = option(32.0, "highest frequency of the time embedding (radians per unit of t)")
     teacher_P_mean: float = option(-0.8, "teacher time proposal: mean of log sigma")
     teacher_P_std: float = option(1.6, "teacher time proposal: std of log sigma")
     P_mean: float = option(-1.0, "student time proposal: mean of log sigma")
@@ -607,6 +608,7 @@ def validate(cfg):
               (cfg.teacher_lr > 0 and cfg.student_lr > 0, "learning rates must be positive"),
               (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
               (cfg.width >= 1 and cfg.depth >= 0, "--width must be at least 1 and --depth at least 0"),
+              (cfg.max_freq >= 1, "--max-freq must be at least 1"),
               (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
               (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
               (0 < cfg.t_mid < T_MAX, f"--t-mid must be in (0, {T_MAX:.4f})"),
@@ -630,7 +632,7 @@ def run(cfg, log_path=None):
     torch.manual_seed(cfg.seed)
     timings, histories = {}, {}
     start = time.perf_counter()
-    net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth)
+    net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth, max_freq=cfg.max_freq)
     teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
                                           cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_sigma_rel,
                                           cfg.seed, lr_decay=cfg.lr_decay, desc="teacher", log_path=log_path)
