@@ -1,7 +1,8 @@
 """sCM in one file: continuous-time consistency models on 2D toy data.
 
 C. Lu and Y. Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models",
-arXiv:2410.11081 (v2). Section and equation numbers in comments refer to v2.
+arXiv:2410.11081 (v2). Section and equation numbers in comments refer to v2; docs/equations.md
+derives every equation used here and states the conventions chosen where the paper leaves a choice.
 
 Reads top to bottom: equations -> networks -> losses -> samplers -> data -> training -> command
 line. `python scm_min.py` trains a TrigFlow teacher on a 2D distribution, distills it into an sCD
