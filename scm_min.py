@@ -619,6 +619,47 @@ def validate(cfg):
             raise InputError(message)
 
 
+def train_toy(cfg, data, log_path=None, teacher=None):
+    """Train the teacher (unless `teacher`, a trained one, is given), then the sCD and sCT students,
+    on `data` [N, D] in model units. Returns ({"teacher", "scd", "sct"} networks, histories, seconds
+    per phase). Each phase seeds the global RNG itself, so a given teacher yields the students that a
+    full run with that teacher would."""
+    networks, histories, seconds = {}, {}, {}
+    if teacher is None:
+        start = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth, max_freq=cfg.max_freq)
+        teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
+                                              cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_sigma_rel,
+                                              cfg.seed, lr_decay=cfg.lr_decay, desc="teacher", log_path=log_path)
+        seconds["teacher"] = time.perf_counter() - start
+    networks["teacher"] = teacher
+    for k, (kind, teacher_for_loss) in enumerate((("scd", teacher), ("sct", None))):
+        start = time.perf_counter()
+        torch.manual_seed(cfg.seed + 1 + k)
+        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c,
+                          jvp=toy_jvp, single_pass=True)
+        networks[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
+                                                cfg.batch_size, cfg.student_lr, cfg.ema_sigma_rel,
+                                                cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind, log_path=log_path)
+        seconds[kind] = time.perf_counter() - start
+    return networks, histories, seconds
+
+
+def sample_toy(cfg, networks, dim):
+    """{sampler: samples [N, dim]} in model units (float64): the teacher's ODE from cfg.teacher_samples
+    noise draws, each student's 1 and 2 steps from cfg.n_samples (the teacher's are the first of them)."""
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    z = torch.randn(max(cfg.n_samples, cfg.teacher_samples), dim, generator=generator) * SIGMA_D
+    samples = {"teacher": sample_teacher(networks["teacher"], z[:cfg.teacher_samples],
+                                         teacher_times(cfg.teacher_sample_steps), cfg.teacher_solver)}
+    for kind in ("scd", "sct"):
+        for n_steps in (1, 2):
+            samples[f"{kind}-{n_steps}step"] = sample_consistency(
+                networks[kind], z[:cfg.n_samples], consistency_times(n_steps, cfg.t_mid), generator=generator)
+    return {name: x.double().numpy() for name, x in samples.items()}
+
+
 def run(cfg, log_path=None):
     """Train teacher, sCD and sCT on cfg.data; returns (samples in data units, metrics, histories,
     reference points). With log_path, the progress lines of every phase go to that file too."""
@@ -629,36 +670,10 @@ def run(cfg, log_path=None):
         pathlib.Path(log_path).write_text(f"config {json.dumps(dataclasses.asdict(cfg))}\n")
     standardizer = Standardizer(train_points)
     data = torch.as_tensor(standardizer.to_model(train_points), dtype=torch.float32)
-
-    torch.manual_seed(cfg.seed)
-    timings, histories = {}, {}
-    start = time.perf_counter()
-    net = ToyMLP(dim=data.shape[1], width=cfg.width, depth=cfg.depth, max_freq=cfg.max_freq)
-    teacher, histories["teacher"] = train(net, TeacherLoss(cfg.teacher_P_mean, cfg.teacher_P_std), data,
-                                          cfg.teacher_steps, cfg.batch_size, cfg.teacher_lr, cfg.ema_sigma_rel,
-                                          cfg.seed, lr_decay=cfg.lr_decay, desc="teacher", log_path=log_path)
-    timings["teacher"] = time.perf_counter() - start
-    students = {}
-    for kind, teacher_for_loss in (("scd", teacher), ("sct", None)):
-        start = time.perf_counter()
-        loss_fn = SCMLoss(teacher_for_loss, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c,
-                          jvp=toy_jvp, single_pass=True)
-        students[kind], histories[kind] = train(make_student(teacher), loss_fn, data, cfg.student_steps,
-                                                cfg.batch_size, cfg.student_lr, cfg.ema_sigma_rel,
-                                                cfg.seed + 1, lr_decay=cfg.lr_decay, desc=kind, log_path=log_path)
-        timings[kind] = time.perf_counter() - start
+    networks, histories, timings = train_toy(cfg, data, log_path)
 
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    z = torch.randn(max(cfg.n_samples, cfg.teacher_samples), data.shape[1], generator=generator) * SIGMA_D
-    samples = {"teacher": sample_teacher(teacher, z[:cfg.teacher_samples], teacher_times(cfg.teacher_sample_steps),
-                                         cfg.teacher_solver)}
-    z = z[:cfg.n_samples]
-    for kind, student in students.items():
-        for n_steps in (1, 2):
-            samples[f"{kind}-{n_steps}step"] = sample_consistency(
-                student, z, consistency_times(n_steps, cfg.t_mid), generator=generator)
-    samples = {name: standardizer.to_data(x.double().numpy()) for name, x in samples.items()}
+    samples = sample_toy(cfg, networks, data.shape[1])
     timings["sampling"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -667,8 +682,8 @@ def run(cfg, log_path=None):
                "headline": "sliced_wasserstein (model units, std 0.5; lower is better); beside it energy_distance "
                            "(lower is better) and k-NN precision and recall (k = 3, higher is better); "
                            "floor: fresh data against the reference at each sampler's sample size",
-               **toy_data.evaluate({name: to_model(x) for name, x in samples.items()}, to_model(reference),
-                                   to_model(fresh))}
+               **toy_data.evaluate(samples, to_model(reference), to_model(fresh))}
+    samples = {name: standardizer.to_data(x) for name, x in samples.items()}
     timings["evaluation"] = time.perf_counter() - start
     metrics["seconds"] = timings
     return samples, metrics, histories, reference

@@ -233,3 +233,15 @@ def test_run_passes_t_mid_to_two_step_sampling(tiny_run):
     for kind in ("scd", "sct"):
         np.testing.assert_array_equal(first[f"{kind}-1step"], other[f"{kind}-1step"])
         assert np.abs(first[f"{kind}-2step"] - other[f"{kind}-2step"]).mean() > 1e-3
+
+
+def test_train_toy_with_a_given_teacher_trains_the_students_of_a_full_run():
+    # What lets a sweep over student options reuse one teacher: each phase seeds its own RNG.
+    cfg = scm_min.ToyConfig(teacher_steps=30, student_steps=10, batch_size=64, width=32, depth=1)
+    data = torch.as_tensor(toy_data.sample("moons", 5000, seed=0), dtype=torch.float32)
+    full, _, _ = scm_min.train_toy(cfg, data)
+    reused, histories, seconds = scm_min.train_toy(cfg, data, teacher=full["teacher"])
+    assert "teacher" not in histories and "teacher" not in seconds and reused["teacher"] is full["teacher"]
+    for kind in ("scd", "sct"):
+        for p, q in zip(full[kind].parameters(), reused[kind].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
