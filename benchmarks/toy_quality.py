@@ -38,6 +38,20 @@ METRICS = ["sliced_wasserstein", "energy_distance", "precision", "recall"]
 TARGETS = {"scd-2step": 1.10, "sct-1step": 1.25}  # allowed ratio of SW excess to the teacher's
 
 
+def options_to_config(items):
+    """A ToyConfig from FIELD=VALUE strings (later ones win), through scm_min's own command line so
+    that they are parsed and checked alike; booleans take true/false."""
+    options = dict(item.split("=", 1) for item in items)
+    args = []
+    for field, value in options.items():
+        flag = "--" + field.replace("_", "-")
+        if isinstance(getattr(scm_min.ToyConfig, field, None), bool):
+            args += [flag] if value.lower() in ("1", "true", "yes") else []
+        else:
+            args.append(f"{flag}={value}")
+    return scm_min.parse_args(args)
+
+
 def run_one(cfg, threads):
     """One run of the main job (skipped when its outputs with this configuration exist)."""
     path = os.path.join(cfg.out, "metrics.json")
@@ -141,9 +155,7 @@ def main():
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="scm_min.py options without their dashes, e.g. student_steps=4000")
     args = parser.parse_args()
-    # The options go through scm_min's own command line, so they are parsed and checked alike.
-    options = [item.split("=", 1) for item in args.set]
-    base_cfg = scm_min.parse_args([f"--{key.replace('_', '-')}={value}" for key, value in options])
+    base_cfg = options_to_config(args.set)
     try:
         scm_min.validate(base_cfg)
         for path in args.data_files:
