@@ -73,11 +73,8 @@ def run_one(cfg, threads):
 
 
 def summarize(runs):
-    """mean and sd over seeds of every metric of every sampler (and of the floors and excesses)."""
-    def stats(values):
-        values = np.asarray(values, np.float64)
-        return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-
+    """mean and sd over seeds of every metric of every sampler (and of the floors and excesses), and
+    the targets."""
     summary = {metric: {name: stats([r[metric][name] for r in runs]) for name in ["data", *SAMPLERS]}
                for metric in METRICS}
     summary["floor"] = {name: {metric: stats([r["floor"][name][metric] for r in runs]) for metric in METRICS}
@@ -94,10 +91,12 @@ def summarize(runs):
                                     "within_one_teacher_sd": bool(within_sd),
                                     "met": bool(ratio <= allowed or within_sd)}
     summary["seeds"] = [r["config"]["seed"] for r in runs]
-    summary["run_seconds"] = stats([r["run_seconds"] for r in runs])
-    summary["phase_seconds"] = {phase: stats([r["seconds"][phase] for r in runs]) for phase in runs[0]["seconds"]}
-    summary["load_average_1min"] = [r["load_average_1min"] for r in runs]
     return summary
+
+
+def stats(values):
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
 def print_table(title, summaries):
@@ -180,7 +179,13 @@ def main():
                   " ".join(f"{k} {metrics['excess_over_floor']['sliced_wasserstein'][k]:.4f}" for k in SAMPLERS),
                   flush=True)
 
-    summaries = {name: summarize([runs[name, seed] for seed in args.seeds]) for name in names}
+    summaries = {}
+    for name in names:
+        seeds = [runs[name, seed] for seed in args.seeds]
+        summaries[name] = {**summarize(seeds), "run_seconds": stats([r["run_seconds"] for r in seeds]),
+                           "phase_seconds": {phase: stats([r["seconds"][phase] for r in seeds])
+                                             for phase in seeds[0]["seconds"]},
+                           "load_average_1min": [r["load_average_1min"] for r in seeds]}
     print_table(f"recipe '{args.label}', built-in distributions", {n: summaries[n] for n in args.only})
     if args.data_files:
         print_table(f"recipe '{args.label}', your point clouds", {n: summaries[n] for n in args.data_files})

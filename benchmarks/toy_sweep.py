@@ -9,14 +9,16 @@ RNG, so the result is what a full run of that variant gives.
     python benchmarks/toy_sweep.py --label lr --only 8gaussians rings --seeds 0 1 \\
         --base student_steps=4000 --vary student_lr=1e-4,3e-4 t_mid=0.8,1.1
 
-Prints, for every variant, the SW excess over the floor (mean +- sd over seeds) of the teacher,
-sCD 2-step and sCT 1-step on each distribution, and writes benchmarks/results/toy_sweep_LABEL.json.
+Prints, for every variant, toy_quality.py's table (SW excess over the floor, mean +- sd over seeds,
+precision/recall, targets) and writes benchmarks/results/toy_sweep_LABEL.json. Teachers (with their
+samples) are saved under RUNS_OUT/teachers/ and reused by later sweeps with the same teacher options.
 Resumable: each (distribution, seed, variant) is saved under RUNS_OUT/LABEL/ and skipped when done.
 """
 
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -28,24 +30,30 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import scm_min  # noqa: E402
 import toy_data  # noqa: E402
-from toy_quality import options_to_config  # noqa: E402
+from toy_quality import options_to_config, print_table, stats, summarize  # noqa: E402
 
 SAMPLING_FIELDS = {"t_mid"}
+# What the teacher and its samples depend on (the students' draws of z also depend on n_samples).
 TEACHER_FIELDS = {"data", "seed", "teacher_steps", "batch_size", "teacher_lr", "lr_decay", "ema_sigma_rel", "width",
-                  "depth", "max_freq", "teacher_P_mean", "teacher_P_std"}
-SHOWN = ["teacher", "scd-2step", "sct-1step"]
+                  "depth", "max_freq", "teacher_P_mean", "teacher_P_std", "teacher_samples", "teacher_sample_steps",
+                  "teacher_solver", "n_samples"}
 
 
 def variants(base_options, vary):
-    """[(name, config)]: the base, then one factor changed at a time."""
+    """(base config, [(name, config)]): the base, then one factor changed at a time (FIELD=V1,V2
+    gives a variant per value); FIELD=V;FIELD2=V2 is one variant that changes several fields."""
     base = options_to_config(base_options)
     result = [("base", base)]
     for item in vary:
-        field, values = item.split("=", 1)
-        for value in values.split(","):
-            cfg = options_to_config([*base_options, f"{field}={value}"])
+        if ";" in item:
+            alternatives = [item.split(";")]
+        else:
+            field, values = item.split("=", 1)
+            alternatives = [[f"{field}={value}"] for value in values.split(",")]
+        for options in alternatives:
+            cfg = options_to_config([*base_options, *options])
             if cfg != base:
-                result.append((f"{field}={value}", cfg))
+                result.append((";".join(options), cfg))
     return base, result
 
 
@@ -54,9 +62,21 @@ def measure(cfg, samples, standardizer, reference, fresh):
     return toy_data.evaluate(samples, to_model(reference), to_model(fresh))
 
 
-def sweep_one(name, seed, configs, runs_out, threads):
-    """Every variant on one distribution and seed, reusing teachers and students where it may."""
+def cached_teacher(path, cfg, dim):
+    """(teacher network, its samples) saved by an earlier sweep, or None."""
+    if not os.path.exists(path):
+        return None
+    saved = torch.load(path)
+    teacher = scm_min.ToyMLP(dim=dim, width=cfg.width, depth=cfg.depth, max_freq=cfg.max_freq)
+    teacher.load_state_dict(saved["state_dict"])
+    return teacher.eval().requires_grad_(False), saved["samples"].numpy()
+
+
+def sweep_one(name, seed, configs, runs_out, teachers_out, threads):
+    """Every variant on one distribution and seed, reusing teachers (also those saved by earlier
+    sweeps in teachers_out) and students where it may."""
     torch.set_num_threads(threads)
+    os.makedirs(teachers_out, exist_ok=True)
     folder = os.path.join(runs_out, os.path.basename(name), f"seed{seed}")
     os.makedirs(folder, exist_ok=True)
     train_points, reference, fresh, _ = scm_min.load_data(name, configs[0][1].n_samples, seed)
@@ -76,6 +96,10 @@ def sweep_one(name, seed, configs, runs_out, threads):
         teacher_key = json.dumps({k: v for k, v in config.items() if k in TEACHER_FIELDS}, sort_keys=True)
         student_key = json.dumps({k: v for k, v in config.items() if k not in SAMPLING_FIELDS}, sort_keys=True)
         log_path = os.path.join(folder, f"{variant}.log")
+        teacher_path = os.path.join(teachers_out, f"{os.path.basename(name)}-seed{seed}-"
+                                    f"{hashlib.sha1(teacher_key.encode()).hexdigest()[:12]}.pt")
+        if teacher_key not in teachers and (cached := cached_teacher(teacher_path, cfg, data.shape[1])):
+            teachers[teacher_key] = cached
         if student_key in students:
             networks, teacher_samples = students[student_key]
         else:
@@ -87,9 +111,12 @@ def sweep_one(name, seed, configs, runs_out, threads):
         else:  # the teacher's samples are the first draws of the same generator: sample 2 and reuse
             samples = scm_min.sample_toy(dataclasses.replace(cfg, teacher_samples=2), networks, data.shape[1])
             samples["teacher"] = teacher_samples
-        teachers.setdefault(teacher_key, (networks["teacher"], samples["teacher"]))
+        if teacher_key not in teachers:
+            teachers[teacher_key] = networks["teacher"], samples["teacher"]
+            torch.save({"state_dict": networks["teacher"].state_dict(), "samples": torch.as_tensor(samples["teacher"]),
+                        "key": teacher_key}, teacher_path)
         students.setdefault(student_key, (networks, samples["teacher"]))
-        results[variant] = {"config": config, "seconds": time.perf_counter() - start,
+        results[variant] = {"config": config, "variant_seconds": time.perf_counter() - start,
                             **measure(cfg, samples, standardizer, reference, fresh)}
         with open(path, "w") as file:
             json.dump(results[variant], file)
@@ -119,29 +146,18 @@ def main():
     runs_out = os.path.join(args.runs_out, args.label)
     results = {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(sweep_one, name, seed, configs, runs_out, threads) for name in args.only for seed in args.seeds]
+        futures = [pool.submit(sweep_one, name, seed, configs, runs_out, os.path.join(args.runs_out, "teachers"), threads)
+                   for name in args.only for seed in args.seeds]
         for future in concurrent.futures.as_completed(futures):
             name, seed, results[name, seed] = future.result()
             print(f"done {name} seed {seed}", flush=True)
 
-    summary = {}
-    for variant, _ in configs:
-        summary[variant] = {}
-        for name in args.only:
-            runs = [results[name, seed][variant] for seed in args.seeds]
-            excess = {k: [r["excess_over_floor"]["sliced_wasserstein"][k] for r in runs] for k in SHOWN}
-            summary[variant][name] = {
-                "sw_excess": {k: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-                              for k, v in excess.items()},
-                "precision": {k: float(np.mean([r["precision"][k] for r in runs])) for k in SHOWN},
-                "recall": {k: float(np.mean([r["recall"][k] for r in runs])) for k in SHOWN},
-                "seconds": float(np.mean([r["seconds"] for r in runs]))}
-    print(f"\nSW excess over the floor, mean over seeds {args.seeds} (teacher / sCD 2-step / sCT 1-step)")
-    print(f"{'variant':<24}" + "".join(f"{os.path.basename(n)[:22]:>24}" for n in args.only))
+    summary = {variant: {name: {**summarize([results[name, seed][variant] for seed in args.seeds]),
+                                "variant_seconds": stats([results[name, seed][variant]["variant_seconds"]
+                                                          for seed in args.seeds])}
+                         for name in args.only} for variant, _ in configs}
     for variant, by_name in summary.items():
-        cells = "".join(f"{s['sw_excess']['teacher']['mean']:>8.4f}{s['sw_excess']['scd-2step']['mean']:>8.4f}"
-                        f"{s['sw_excess']['sct-1step']['mean']:>8.4f}" for s in by_name.values())
-        print(f"{variant:<24}{cells}")
+        print_table(f"variant '{variant}'", {os.path.basename(n): s for n, s in by_name.items()})
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"toy_sweep_{args.label}.json")
     with open(path, "w") as file:

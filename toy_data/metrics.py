@@ -21,10 +21,15 @@ def _directions(n_projections, seed):
 
 def sliced_wasserstein(a, b, n_projections=256, seed=0):
     """Mean over random directions of the 1D Wasserstein-1 distance between projections of a and b."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     directions = _directions(n_projections, seed)
-    a_proj = np.sort(directions @ a.T, axis=1)  # [P, Na]
-    b_proj = np.sort(directions @ b.T, axis=1)  # [P, Nb]
+    return _sliced_wasserstein_sorted(_sorted_projections(a, directions), _sorted_projections(b, directions))
+
+
+def _sorted_projections(points, directions):
+    return np.sort(directions @ np.asarray(points, np.float64).T, axis=1)  # [P, N]
+
+
+def _sliced_wasserstein_sorted(a_proj, b_proj):
     n = max(a_proj.shape[1], b_proj.shape[1])
     if a_proj.shape[1] != b_proj.shape[1]:
         # Compare the quantile functions on the finer of the two grids.
@@ -65,7 +70,7 @@ def _pair_distance_sums(proj):
     return np.sort(proj, axis=1) @ (2 * np.arange(1, n + 1) - n - 1.0)
 
 
-def knn_precision_recall(samples, reference, k=3, max_points=20_000, seed=0, chunk=1024):
+def knn_precision_recall(samples, reference, k=3, max_points=10_000, seed=0):
     """Improved precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall
     Metric for Assessing Generative Models"). Each point of a cloud gets the ball out to its k-th
     nearest neighbor in that cloud; the union of a cloud's balls estimates its support.
@@ -74,21 +79,37 @@ def knn_precision_recall(samples, reference, k=3, max_points=20_000, seed=0, chu
     points lower it); recall: share of reference points inside the samples' support (dropped or
     thinned modes lower it). Both are 1 for a copy of the reference and somewhat below 1 for a
     fresh draw of the data (the floor to report beside them). Each cloud is subsampled to
-    max_points (O(N^2) distances, computed in chunks)."""
+    max_points (O(N^2) distances, in float32, computed in chunks)."""
+    return knn_support(reference, k, max_points, seed)(samples)
+
+
+def knn_support(reference, k=3, max_points=10_000, seed=0):
+    """knn_precision_recall against one reference, with the reference's balls computed once:
+    returns a function samples -> {"precision", "recall"}."""
     rng = np.random.default_rng(seed)
-    samples, reference = (torch.as_tensor(p[rng.choice(len(p), max_points, replace=False)] if len(p) > max_points
-                                          else np.asarray(p), dtype=torch.float64) for p in (samples, reference))
-    return {"precision": _share_covered(samples, reference, _knn_radius(reference, k, chunk), chunk),
-            "recall": _share_covered(reference, samples, _knn_radius(samples, k, chunk), chunk)}
+
+    def subsample(points):
+        points = np.asarray(points)
+        return torch.as_tensor(points[rng.choice(len(points), max_points, replace=False)] if len(points) > max_points
+                               else points, dtype=torch.float32)
+
+    reference = subsample(reference)
+    reference_radius = _knn_radius(reference, k)
+
+    def precision_recall(samples):
+        samples = subsample(samples)
+        return {"precision": _share_covered(samples, reference, reference_radius),
+                "recall": _share_covered(reference, samples, _knn_radius(samples, k))}
+    return precision_recall
 
 
-def _knn_radius(points, k, chunk):
+def _knn_radius(points, k, chunk=1024):
     # Distance of each point to its k-th nearest other point (the nearest, at distance 0, is itself).
     return torch.cat([torch.cdist(points[i:i + chunk], points).topk(k + 1, dim=1, largest=False).values[:, k]
                       for i in range(0, len(points), chunk)])
 
 
-def _share_covered(queries, centers, radii, chunk):
+def _share_covered(queries, centers, radii, chunk=1024):
     inside = [(torch.cdist(queries[i:i + chunk], centers) <= radii).any(dim=1) for i in range(0, len(queries), chunk)]
     return float(torch.cat(inside).double().mean())
 
@@ -101,9 +122,14 @@ def evaluate(samples, reference, fresh, pr_points=10_000):
     under every metric "data" is the fresh draw at the largest size."""
     reference, fresh = np.asarray(reference, np.float64), np.asarray(fresh, np.float64)
 
+    # What depends on the reference alone is computed once: its sorted projections and its k-NN balls.
+    directions = _directions(256, seed=0)  # sliced_wasserstein's defaults
+    reference_projections = _sorted_projections(reference, directions)
+    precision_recall = knn_support(reference, max_points=pr_points)
+
     def measure(x):
-        return {"sliced_wasserstein": sliced_wasserstein(x, reference), "energy_distance": energy_distance(x, reference),
-                **knn_precision_recall(x, reference, max_points=pr_points)}
+        sw = _sliced_wasserstein_sorted(_sorted_projections(x, directions), reference_projections)
+        return {"sliced_wasserstein": sw, "energy_distance": energy_distance(x, reference), **precision_recall(x)}
 
     sizes = {name: len(x) for name, x in samples.items()}
     floors = {n: measure(fresh[:n]) for n in sorted(set(sizes.values()))}
