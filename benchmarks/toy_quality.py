@@ -52,6 +52,18 @@ def options_to_config(items):
     return scm_min.parse_args(args)
 
 
+def check_or_exit(configs, data_files=()):
+    """Every configuration and point-cloud file checked before anything trains: one error line, exit 2."""
+    try:
+        for cfg in configs:
+            scm_min.validate(cfg)
+        for path in data_files:
+            scm_min.load_points(path)
+    except scm_min.InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_one(cfg, threads):
     """One run of the main job (skipped when its outputs with this configuration exist)."""
     path = os.path.join(cfg.out, "metrics.json")
@@ -155,13 +167,7 @@ def main():
                         help="scm_min.py options without their dashes, e.g. student_steps=4000")
     args = parser.parse_args()
     base_cfg = options_to_config(args.set)
-    try:
-        scm_min.validate(base_cfg)
-        for path in args.data_files:
-            scm_min.load_points(path)
-    except scm_min.InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    check_or_exit([base_cfg], args.data_files)
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     runs_out = os.path.join(args.runs_out, args.label)

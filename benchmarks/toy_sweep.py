@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import scm_min  # noqa: E402
 import toy_data  # noqa: E402
-from toy_quality import options_to_config, print_table, stats, summarize  # noqa: E402
+from toy_quality import check_or_exit, options_to_config, print_table, stats, summarize  # noqa: E402
 
 SAMPLING_FIELDS = {"t_mid"}
 # What the teacher and its samples depend on (the students' draws of z also depend on n_samples).
@@ -134,13 +134,8 @@ def main():
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--runs-out", default="out/toy_sweep")
     args = parser.parse_args()
-    try:
-        base, configs = variants(args.base, args.vary)
-        for _, cfg in configs:
-            scm_min.validate(cfg)
-    except scm_min.InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    base, configs = variants(args.base, args.vary)
+    check_or_exit([cfg for _, cfg in configs], [name for name in args.only if name not in toy_data.DISTRIBUTIONS])
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     runs_out = os.path.join(args.runs_out, args.label)
