@@ -64,13 +64,20 @@ def check_or_exit(configs, data_files=()):
         sys.exit(2)
 
 
+def same_recipe(saved, cfg):
+    """Whether a saved configuration (a dict) trains and samples what cfg does (threads aside)."""
+    ignored = ("threads", "dry_run")
+    current = dataclasses.asdict(cfg)
+    return {k: v for k, v in saved.items() if k not in ignored} == {k: v for k, v in current.items() if k not in ignored}
+
+
 def run_one(cfg, threads):
     """One run of the main job (skipped when its outputs with this configuration exist)."""
     path = os.path.join(cfg.out, "metrics.json")
     if os.path.exists(path):
         with open(path) as file:
             metrics = json.load(file)
-        if metrics["config"] == dataclasses.asdict(cfg):
+        if same_recipe(metrics["config"], cfg):
             return metrics
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]

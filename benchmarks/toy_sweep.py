@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import scm_min  # noqa: E402
 import toy_data  # noqa: E402
-from toy_quality import check_or_exit, options_to_config, print_table, stats, summarize  # noqa: E402
+from toy_quality import check_or_exit, options_to_config, print_table, same_recipe, stats, summarize  # noqa: E402
 
 SAMPLING_FIELDS = {"t_mid"}
 # What the teacher and its samples depend on (the students' draws of z also depend on n_samples).
@@ -88,13 +88,14 @@ def sweep_one(name, seed, configs, runs_out, teachers_out, threads):
         path = os.path.join(folder, f"{variant}.json")
         if os.path.exists(path):
             saved = json.load(open(path))
-            if saved["config"] == dataclasses.asdict(cfg):
+            if same_recipe(saved["config"], cfg):
                 results[variant] = saved
                 continue
         start = time.perf_counter()
         config = dataclasses.asdict(cfg)
         teacher_key = json.dumps({k: v for k, v in config.items() if k in TEACHER_FIELDS}, sort_keys=True)
-        student_key = json.dumps({k: v for k, v in config.items() if k not in SAMPLING_FIELDS}, sort_keys=True)
+        student_key = json.dumps({k: v for k, v in config.items() if k not in SAMPLING_FIELDS | {"threads"}},
+                                 sort_keys=True)
         log_path = os.path.join(folder, f"{variant}.log")
         teacher_path = os.path.join(teachers_out, f"{os.path.basename(name)}-seed{seed}-"
                                     f"{hashlib.sha1(teacher_key.encode()).hexdigest()[:12]}.pt")
