@@ -111,7 +111,7 @@ def test_one_training_step_of_each_loss_on_the_tiny_preset(kind):
     ema, history = scm_min.train(net, loss_fn, batches, steps=1, batch_size=4, lr=1e-3, ema_sigma_rel=0.05, seed=0)
     assert np.isfinite(history["loss"]).all() and len(history["loss"]) == 1
     assert max((p - q).abs().max().item() for p, q in zip(net.parameters(), before)) > 1e-4
-    assert (len(history["g_norm"]) == 1) == (kind != "teacher")
+    assert ("g_norm" in history) == (kind != "teacher")
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):

@@ -12,7 +12,8 @@ import toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--teacher-steps", "40", "--student-steps", "20", "--batch-size", "64", "--width", "32",
-        "--depth", "1", "--n-samples", "1000", "--teacher-sample-steps", "10", "--warmup-steps", "5"]
+        "--depth", "1", "--n-samples", "1000", "--teacher-samples", "500", "--teacher-sample-steps", "10",
+        "--warmup-steps", "5"]
 SAMPLE_FILES = ["teacher", "scd-1step", "scd-2step", "sct-1step", "sct-2step"]
 
 
@@ -21,20 +22,29 @@ def scm(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_end_to_end_writes_samples_metrics_and_figure(tmp_path):
+def test_end_to_end_writes_samples_metrics_figure_and_log(tmp_path):
     out = tmp_path / "toy"
     result = scm(*TINY, "--out", str(out))
     assert result.returncode == 0, result.stderr
     for name in SAMPLE_FILES:
         x = np.load(out / "samples" / f"{name}.npy")
-        assert x.shape == (1000, 2) and x.dtype == np.float64 and np.isfinite(x).all()
+        assert x.shape == (500 if name == "teacher" else 1000, 2) and x.dtype == np.float64 and np.isfinite(x).all()
     metrics = json.loads((out / "metrics.json").read_text())
-    for metric in ("sliced_wasserstein", "energy_distance"):
+    for metric in ("sliced_wasserstein", "energy_distance", "precision", "recall"):
         assert set(metrics[metric]) == {"data", *SAMPLE_FILES}
         assert all(np.isfinite(v) for v in metrics[metric].values())
+        assert np.isfinite(metrics["floor"]["teacher"][metric])
+    assert metrics["sample_sizes"] == {"reference": 1000, "teacher": 500, **{name: 1000 for name in SAMPLE_FILES[1:]}}
     assert metrics["config"]["teacher_steps"] == 40
     assert (out / "toy.png").stat().st_size > 10_000
-    assert sorted(os.listdir(out)) == ["metrics.json", "samples", "toy.png"]  # no temporary files left
+    assert sorted(os.listdir(out)) == ["metrics.json", "samples", "toy.png", "train.log"]  # no temporary files
+    # stderr is not a terminal here: every phase prints plain progress lines, and the log has them too.
+    log = (out / "train.log").read_text().splitlines()
+    assert json.loads(log[0].removeprefix("config "))["teacher_steps"] == 40
+    for phase, steps in (("teacher", 40), ("scd", 20), ("sct", 20)):
+        assert any(line.startswith(f"{phase} {steps}/{steps} ") for line in log[1:]), log
+        assert f"{phase} {steps}/{steps} " in result.stderr
+    assert all(" it/s ETA " in line for line in log[1:])
 
 
 def test_user_point_cloud_samples_come_back_in_its_units(tmp_path):

@@ -197,7 +197,8 @@ def test_discrete_cm_gradient_approaches_scm_gradient_as_dt_shrinks():
     assert relative_errors[0] > 5 * relative_errors[1] > 25 * relative_errors[2], relative_errors
 
 
-def test_F_minus_comes_from_the_gradient_pass_under_dropout():
+@pytest.mark.parametrize("jvp, single_pass", [(torch.func.jvp, False), (scm_min.toy_jvp, True)])
+def test_F_minus_comes_from_the_gradient_pass_under_dropout(jvp, single_pass):
     # With dropout the JVP pass and the gradient pass draw different masks. F^- must be the
     # gradient pass's output (detached), so that F_theta - F^- = 0 at theta = theta^- and the
     # per-sample error is exactly mean(g^2) = ||g||^2 / D.
@@ -205,9 +206,9 @@ def test_F_minus_comes_from_the_gradient_pass_under_dropout():
     net = scm_min.ToyMLP(width=32, depth=2, dropout=0.5).train()
     x0, z, t = (v.float() for v in random_batch(n=256))
     x_t, dxt_dt = scm_min.trigflow_interpolate(x0, z, t), scm_min.trigflow_velocity(x0, z, t)
-    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=None)
+    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=None, jvp=jvp, single_pass=single_pass)
     torch.testing.assert_close(error, g_norm ** 2 / 2, rtol=1e-5, atol=1e-7)
-    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1)
+    error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=1.0, tangent_c=0.1, jvp=jvp, single_pass=single_pass)
     torch.testing.assert_close(error, (g_norm / (g_norm + 0.1)) ** 2 / 2, rtol=1e-5, atol=1e-7)
 
 
@@ -231,3 +232,75 @@ def test_power_ema_weights_follow_the_power_profile_of_width_sigma_rel(sigma_rel
     mean = (w * i / n).sum()
     torch.testing.assert_close(((w * (i / n - mean) ** 2).sum()).sqrt(), torch.tensor(sigma_rel, dtype=F64),
                                rtol=2e-2, atol=0)
+
+
+def test_toy_jvp_equals_torch_func_jvp():
+    # ToyMLP's hand-derived tangents (the fast JVP pass of the toy run) against torch.func.jvp, in
+    # float64, with every affine parameter moved off its initialization.
+    torch.manual_seed(0)
+    net = scm_min.ToyMLP(width=32, depth=2, max_freq=32.0).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x0, z, t = random_batch(n=128, seed=7)
+    x, dx, dt = x0 / SIGMA_D, torch.randn_like(x0), torch.randn_like(t)
+    expected = torch.func.jvp(net, (x, t), (dx, dt))
+    for mode in (net.eval, net.train):
+        mode()
+        F, dF = scm_min.toy_jvp(net, (x, t), (dx, dt))
+        torch.testing.assert_close(F, expected[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dF, expected[1], rtol=1e-10, atol=1e-10)
+
+
+def test_toy_jvp_hands_active_dropout_to_torch_func_jvp():
+    # The hand-derived pass has no dropout mask to share with its tangent; with dropout active the
+    # call goes to torch.func.jvp, whose tangent uses the primal's mask.
+    net = scm_min.ToyMLP(width=32, depth=1, dropout=0.5).double().train()
+    x0, z, t = random_batch(n=64, seed=8)
+    x, dx, dt = x0 / SIGMA_D, torch.randn_like(x0), torch.ones_like(t)
+    torch.manual_seed(1)
+    F, dF = scm_min.toy_jvp(net, (x, t), (dx, dt))
+    torch.manual_seed(1)
+    torch.testing.assert_close((F, dF), torch.func.jvp(net, (x, t), (dx, dt)))
+
+
+@pytest.mark.parametrize("P_mean, P_std", [(-1.0, 1.4), (0.5, 0.3)])
+def test_time_proposal_is_lognormal_in_sigma(P_mean, P_std):
+    # t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2): log(sigma_d tan t) has those moments
+    # and the normal's quartiles (0.6745 standard deviations from the mean).
+    t = scm_min.sample_time(200_000, P_mean, P_std, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert 0 < t.min() and t.max() < math.pi / 2
+    tau = torch.log(SIGMA_D * torch.tan(t))
+    assert abs(tau.mean().item() - P_mean) < 0.01 and abs(tau.std().item() - P_std) < 0.01 * P_std
+    quartiles = torch.quantile(tau[:100_000], torch.tensor([0.25, 0.75], dtype=F64))
+    torch.testing.assert_close(quartiles, P_mean + P_std * torch.tensor([-0.6745, 0.6745], dtype=F64),
+                               atol=0.01 * P_std, rtol=0)
+
+
+@pytest.mark.parametrize("jvp", [scm_min.toy_jvp, torch.func.jvp])
+def test_single_pass_objective_has_the_two_pass_value_and_gradient(jvp):
+    # One call of the JVP with gradient on (its output is F_theta) against the reference: the JVP
+    # pass under no_grad with torch.func.jvp, then a separate forward.
+    torch.manual_seed(0)
+    net = scm_min.ToyMLP(width=32, depth=2).double()
+    x0, z, t = random_batch(n=128, seed=9)
+    x_t, dxt_dt = scm_min.trigflow_interpolate(x0, z, t), scm_min.trigflow_velocity(x0, z, t)
+    results = []
+    for jvp_fn, single_pass in ((torch.func.jvp, False), (jvp, True)):
+        net.zero_grad()
+        error, g_norm = scm_min.scm_objective(net, x_t, t, dxt_dt, r=0.7, jvp=jvp_fn, single_pass=single_pass)
+        error.sum().backward()
+        results.append((error.detach(), g_norm, [p.grad.clone() for p in net.parameters()]))
+    (error, g_norm, grads), (error_1, g_norm_1, grads_1) = results
+    torch.testing.assert_close(error_1, error, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_norm_1, g_norm, rtol=1e-10, atol=1e-12)
+    for grad, grad_1 in zip(grads, grads_1):
+        torch.testing.assert_close(grad_1, grad, rtol=1e-8, atol=1e-12)
+    assert any(grad.abs().max() > 1e-3 for grad in grads)
+
+
+def test_toy_jvp_with_gradients_on_gives_an_output_with_graph_and_a_tangent_without():
+    net = scm_min.ToyMLP(width=16, depth=1)
+    x, t = torch.randn(8, 2), torch.rand(8)
+    F, dF = scm_min.toy_jvp(net, (x, t), (torch.randn(8, 2), torch.ones(8)))
+    assert F.requires_grad and not dF.requires_grad

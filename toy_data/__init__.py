@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from toy_data.metrics import energy_distance, sliced_wasserstein
+from toy_data.metrics import energy_distance, evaluate, knn_precision_recall, knn_support, sliced_wasserstein
 
 SIGMA_D = 0.5  # data standard deviation that TrigFlow assumes (sCM v2, Sec. 3); scm_min.SIGMA_D too
 
@@ -109,4 +109,5 @@ def sample(name, n, seed=0):
     return (points - mean) * (SIGMA_D / std)
 
 
-__all__ = ["DISTRIBUTIONS", "SIGMA_D", "sample", "sliced_wasserstein", "energy_distance"]
+__all__ = ["DISTRIBUTIONS", "SIGMA_D", "sample", "sliced_wasserstein", "energy_distance", "knn_precision_recall", "knn_support",
+           "evaluate"]
