@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import scm_min  # noqa: E402
+from image_data.fid import full_float32  # noqa: E402
 from scaled import attention as attention_module  # noqa: E402
 from scaled.networks import PRESETS, freeze, make_net, project_weights_  # noqa: E402
 from scaled.step import (RecordingJVP, TrainStep, forward_ad_jvp, prepare, sample_few_step, scm_loss,  # noqa: E402
@@ -279,16 +280,6 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@contextlib.contextmanager
-def exact_fp32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def scd_quantities(student, teacher, x0, labels, seed=3):
     """(g, per-sample loss, gradient) of one sCD loss evaluation; t and z drawn from `seed`."""
     jvp = RecordingJVP()
@@ -312,7 +303,7 @@ def precision_check(preset, device, overrides, batch=4):
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         net.dtype = dtype
-        with exact_fp32() if dtype == torch.float32 else contextlib.nullcontext():
+        with full_float32() if dtype == torch.float32 else contextlib.nullcontext():
             results[dtype] = scd_quantities(net, freeze(net, dtype), x0, labels)
     return {key: relative_error(results[torch.bfloat16][key], results[torch.float32][key])
             for key in ("g", "loss", "grad", "tangent")}
@@ -329,7 +320,7 @@ def compiled_tangent_check(net, x0, labels):
                                  ("compiled", torch.bfloat16, True)):
         net.dtype = dtype
         prepare(net, compile=compile)
-        with torch.no_grad(), (exact_fp32() if dtype == torch.float32 else contextlib.nullcontext()):
+        with torch.no_grad(), (full_float32() if dtype == torch.float32 else contextlib.nullcontext()):
             tangents[name] = forward_ad_jvp(functools.partial(net, class_labels=labels), (x, t),
                                             (t_x, torch.ones_like(t)))[1]
     errors = {name: relative_error(tangents[name], tangents["fp32"]) for name in ("eager", "compiled")}

@@ -74,7 +74,8 @@ def resize_tf_bilinear(x, size=INCEPTION_SIZE):
 
 @contextlib.contextmanager
 def full_float32():
-    """Disables TF32 for the features (published FIDs come from float32 Inception features)."""
+    """TF32 off inside the block (published FIDs come from float32 Inception features; the
+    benchmarks use it for float32 references too)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
