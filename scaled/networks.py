@@ -253,7 +253,7 @@ class UNet(nn.Module):
         if guidance_embedding:
             self.guidance_features = TimeEmbedding(cnoise, guidance_max_freq)
             self.emb_guidance = MPConv(cnoise, cemb, fp32=True)
-            self.guidance_gain = nn.Parameter(torch.zeros([]))  # 0: starts as the unguided net
+            self.guidance_gain = nn.Parameter(torch.zeros([1]))  # 0: starts as the unguided net; 1-D: fully_shard refuses scalars
         else:
             self.emb_guidance = None
 
@@ -282,7 +282,7 @@ class UNet(nn.Module):
                 cout = width
         self.enc, self.dec = nn.ModuleList(enc), nn.ModuleList(dec)
         self.out_conv = MPConv(cout, img_channels, 3)
-        self.out_gain = nn.Parameter(torch.zeros([]))  # 0: F = 0 at initialization (EDM2)
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # 0: F = 0 at initialization (EDM2); 1-D: fully_shard refuses scalars
         self.logvar = AdaptiveWeight(logvar_channels)
 
     def regions(self):
