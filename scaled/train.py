@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -395,7 +396,7 @@ class Trainer:
         state = self.state_dict()
         try:
             dcp.load(state, checkpoint_id=path)
-        except Exception as error:
+        except (Exception, CheckpointException) as error:   # CheckpointException is a BaseException
             raise InputError(f"cannot read checkpoint {path} ({type(error).__name__}: "
                              f"{' '.join(str(error).split())[:300]})") from None
         saved = json.loads(state["trainer"]["config"])
