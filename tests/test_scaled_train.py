@@ -114,11 +114,28 @@ def test_sharded_jvp_and_gradient_equal_torch_func_jvp_on_the_unsharded_model(tm
 
 
 def torchrun(out, *args):
-    """2 processes of `python -m scaled.train` through torchrun, in a session of their own."""
+    """2 processes of `python -m scaled.train` through torchrun."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "scaled.train", *TINY, "--out", str(out), *args]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def descendants(pid):
+    """Process ids of every descendant of `pid` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    parents[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def records(out):
@@ -141,8 +158,12 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run_and_2_process_checkpoin
     while not (os.path.exists(killed / "metrics.jsonl") and len(records(killed)) >= 4):
         assert run.poll() is None and time.time() < deadline, run.stdout.read()
         time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGKILL)
+    workers = descendants(run.pid)                  # torchrun starts each worker in a session of its own
+    for pid in [run.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
     run.wait()
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.01)
     assert not os.path.exists(killed / "ema.safetensors"), "the run finished before it was killed"
     assert [os.path.basename(d) for d in scaled_train.checkpoint_dirs(killed)] == ["step-00000003"]
     resumed = torchrun(killed, *RESUME_RUN, "--resume")
