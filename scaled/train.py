@@ -26,7 +26,6 @@ machinery:
 """
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import glob
@@ -41,7 +40,6 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -187,24 +185,6 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Every parameter created inside is moved to the meta device as soon as it is registered
-    (its initial values are computed once, one tensor at a time, and dropped); buffers stay real."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def net_kwargs(cfg, net_args, dataset):
     C, H, W = dataset.shape
     if H != W:
@@ -230,13 +210,14 @@ def parallelize(net, mesh, param_dtype):
     return net
 
 
-def build_sharded(cfg, kwargs, mesh, device, trainable=True):
-    """The net with parameters sharded over `mesh` and uninitialized (fill with load_full_state)."""
-    with parameters_on_meta():
+def build_sharded(cfg, kwargs, mesh, device, buffers, trainable=True):
+    """The net built on the meta device, sharded over `mesh`, materialized on `device` with
+    uninitialized parameters (fill them with load_full_state) and the given buffers {name: tensor}
+    (the meta device computes no values, and some buffers are not in a state dict)."""
+    with torch.device("meta"):
         net = make_net(cfg.net, **kwargs)
     if cfg.precision == "fp64":
         net = net.double()
-    buffers = {name: b.clone() for name, b in net.named_buffers()}
     parallelize(net, mesh, torch.bfloat16 if cfg.precision == "bf16" else None)
     net.to_empty(device=device)
     with torch.no_grad():
@@ -323,22 +304,25 @@ class Trainer:
         if cfg.resume and not self.checkpoints:
             raise InputError(f"--resume: no checkpoint in {os.path.join(cfg.out, 'checkpoints')}")
 
-        start = None
+        # One full net on the CPU of each process: the buffers, and on rank 0 the initialization.
+        torch.manual_seed(cfg.seed)
+        reference = make_net(cfg.net, **self.kwargs)
+        reference = reference.double() if cfg.precision == "fp64" else reference
+        buffers = dict(reference.named_buffers())
         if cfg.teacher and cfg.teacher != "init":
             start = read_teacher(cfg.teacher, cfg, self.kwargs)
-        elif self.rank == 0:
-            torch.manual_seed(cfg.seed)
-            net = make_net(cfg.net, **self.kwargs)
-            start = (net.double() if cfg.precision == "fp64" else net).state_dict()
-        self.net = build_sharded(cfg, self.kwargs, self.mesh, self.device)
+        else:
+            start = reference.state_dict() if self.rank == 0 else None
+        del reference
+        self.net = build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers)
         load_full_state(self.net, start)
         self.teacher = None
         if cfg.mode == "scd":
-            self.teacher = build_sharded(cfg, self.kwargs, self.mesh, self.device, trainable=False)
+            self.teacher = build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers, trainable=False)
             load_full_state(self.teacher, start)
         del start
         self.ema = PowerEMA(self.net, cfg.ema_sigma_rel,
-                            average=build_sharded(cfg, self.kwargs, self.mesh, self.device, trainable=False))
+                            average=build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers, trainable=False))
         with torch.no_grad():   # the first update copies; this keeps uninitialized memory out of it
             torch._foreach_copy_([local(p) for p in self.ema.net.parameters()], [local(p) for p in self.net.parameters()])
         if cfg.activation_checkpointing:
@@ -443,7 +427,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         grads = [local(p.grad) for p in self.net.parameters() if p.grad is not None]
-        stats = torch.stack([sum(g.double().pow(2).sum() for g in grads),                # squared gradient norm
+        stats = torch.stack([torch.stack(torch._foreach_norm(grads)).double().pow(2).sum(),  # squared gradient norm
                              loss.detach().double().sum(), torch.tensor(float(len(loss)), device=self.device),
                              logs.get("g_norm", torch.zeros([], device=self.device)).double() * len(loss),
                              logs["error"].double() * len(loss)]).to(self.device)

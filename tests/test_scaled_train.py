@@ -22,7 +22,7 @@ from scaled import data as scaled_data
 from scaled import train as scaled_train
 from scaled.data import DataOrder, SyntheticLatents
 from scaled.networks import make_net
-from scaled.step import RecordingJVP, forward_ad_jvp
+from scaled.step import RecordingJVP, forward_ad_jvp, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--threads", "1"]
@@ -84,9 +84,11 @@ def sharded_jvp_worker(rank, world_size, port, out):
     mesh = scaled_train.init_device_mesh("cpu", (world_size,))
     kwargs = scaled_train.net_kwargs(cfg, {}, SyntheticLatents((4, 8, 8), 10))
     student, teacher = reference_nets()
-    net = scaled_train.build_sharded(cfg, kwargs, mesh, device)
+    buffers = dict(student.named_buffers())
+    net = scaled_train.build_sharded(cfg, kwargs, mesh, device, buffers)
     scaled_train.load_full_state(net, student.state_dict())
-    frozen = scaled_train.build_sharded(cfg, kwargs, mesh, device, trainable=False)
+    prepare(net, checkpoint=True)         # activation checkpointing around the sharded blocks, too
+    frozen = scaled_train.build_sharded(cfg, kwargs, mesh, device, buffers, trainable=False)
     scaled_train.load_full_state(frozen, teacher.state_dict())
     half = slice(rank * 4, rank * 4 + 4)   # each rank takes its half of the batch
     loss, (F, tangent) = scd_pieces(*(x[half] for x in fixed_batch()), net, frozen, forward_ad_jvp)
@@ -97,9 +99,10 @@ def sharded_jvp_worker(rank, world_size, port, out):
 
 
 def test_sharded_jvp_and_gradient_equal_torch_func_jvp_on_the_unsharded_model(tmp_path):
-    """2 gloo processes, float64, FSDP2 per block: the tangent of the JVP pass (dual tensors through
-    the sharded blocks) and the gradient of the sCD loss (each rank half the batch, gradients
-    averaged by FSDP's reduce-scatter) equal torch.func.jvp and autograd on one unsharded model."""
+    """2 gloo processes, float64, FSDP2 per block with activation checkpointing: the tangent of the
+    JVP pass (dual tensors through the sharded blocks) and the gradient of the sCD loss (each rank
+    half the batch, gradients averaged by FSDP's reduce-scatter) equal torch.func.jvp and autograd
+    on one unsharded model."""
     mp.spawn(sharded_jvp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     student, teacher = reference_nets()
     loss, (F, tangent) = scd_pieces(*fixed_batch(), student, teacher, torch.func.jvp)
