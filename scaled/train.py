@@ -100,6 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "keep the newest this many checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in OUT (required if OUT has one)")
     export_only: bool = option(False, "with --resume: write OUT/ema.safetensors from the newest checkpoint and stop")
+    no_export: bool = option(False, "do not write OUT/ema.safetensors at the end (throughput runs)")
     max_skips: int = option(10, "stop after this many consecutive iterations with a non-finite loss or gradient")
     peak_tflops: float = option(0.0, "the card's dense bf16 TFLOP/s for MFU (0: known cards' data sheet value)")
     threads: int = option(0, "CPU threads per process (0: torch's default)")
@@ -129,7 +130,7 @@ PRESETS = {
 
 # Fields that may change between a checkpoint and its resumption.
 RESUMABLE_FIELDS = {"preset", "out", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
-                    "export_only", "max_skips", "peak_tflops", "threads", "dry_run", "activation_checkpointing"}
+                    "export_only", "no_export", "max_skips", "peak_tflops", "threads", "dry_run", "activation_checkpointing"}
 
 
 def validate(cfg):
@@ -524,9 +525,11 @@ def run(cfg, dataset=None):
     os.makedirs(cfg.out, exist_ok=True)
     log = Log(cfg.out, rank)
     if cfg.resume:
+        start = time.perf_counter()
         trainer.load_checkpoint(trainer.checkpoints[-1])
         log.truncate_records(trainer.step)
-        log.line(f"resumed from {trainer.checkpoints[-1]} at iteration {trainer.step}")
+        log.line(f"resumed from {trainer.checkpoints[-1]} at iteration {trainer.step} (loaded in "
+                 f"{time.perf_counter() - start:.2f} s)")
     if cfg.export_only:
         trainer.export_ema(os.path.join(cfg.out, "ema.safetensors"))
         return []
@@ -570,11 +573,16 @@ def run(cfg, dataset=None):
                 progress.update(trainer.step - 1, **shown)
             window_start, window_steps = time.perf_counter(), 0
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            start = time.perf_counter()
             trainer.save_checkpoint()
+            log.line(f"checkpoint step-{trainer.step:08d} written in {time.perf_counter() - start:.2f} s")
+            window_start, window_steps = time.perf_counter(), 0   # images/s leaves the checkpoint out
     if progress is not None:
         progress.close()
-    trainer.export_ema(os.path.join(cfg.out, "ema.safetensors"))
-    log.line(f"done: {trainer.step} iterations, {trainer.skipped} skipped; EMA -> {os.path.join(cfg.out, 'ema.safetensors')}")
+    if not cfg.no_export:
+        trainer.export_ema(os.path.join(cfg.out, "ema.safetensors"))
+    log.line(f"done: {trainer.step} iterations, {trainer.skipped} skipped"
+             + ("" if cfg.no_export else f"; EMA -> {os.path.join(cfg.out, 'ema.safetensors')}"))
     return history
 
 
