@@ -31,6 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from scaled.attention import attention
 from scm_min import AdaptiveWeight, TimeEmbedding, adaptive_double_norm, pixel_norm
@@ -109,7 +110,10 @@ class MPConv(nn.Module):
 
     @torch.no_grad()
     def project_(self):
-        self.weight.copy_(unit_rows(self.weight))
+        # A weight sharded by fully_shard holds whole rows (dim 0) on each rank: normalizing the local
+        # rows is exact and skips DTensor's dispatch (5x faster for a 30M U-Net, measured on a CPU).
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        weight.copy_(unit_rows(weight))
 
     @torch.no_grad()
     def bake_(self, dtype, gain=1.0):

@@ -21,7 +21,7 @@ import scm_min
 from scaled import data as scaled_data
 from scaled import train as scaled_train
 from scaled.data import DataOrder, SyntheticLatents
-from scaled.networks import make_net
+from scaled.networks import MPConv, make_net, project_weights_
 from scaled.step import RecordingJVP, forward_ad_jvp, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,6 +231,15 @@ def skip_worker(rank, world_size, port, out):
     logs = trainer.train_step()
     assert not logs["skipped"] and trainer.consecutive_skips == 0
     assert not all(torch.equal(a, b.to_local()) for a, b in zip(before, trainer.net.parameters()))
+    # Forced weight normalization of sharded weights: rows scaled by 3 come back to RMS 1.
+    layers = [m for m in trainer.net.modules() if isinstance(m, MPConv)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.to_local().mul_(3)
+    project_weights_(trainer.net)
+    for layer in layers:
+        rms = layer.weight.full_tensor().flatten(1).pow(2).mean(dim=1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=0)
     scaled_train.dist.destroy_process_group()
 
 
