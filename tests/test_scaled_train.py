@@ -335,3 +335,20 @@ def test_synthetic_samples_depend_only_on_their_index():
     x2, _ = data.batch(torch.tensor([7]), torch.Generator().manual_seed(1))
     assert x.shape == (2, 4, 8, 8) and torch.equal(x[1], x2[0]) and labels.tolist() == [3, 7]
     assert abs(x.std().item() - scm_min.SIGMA_D) < 0.1
+
+
+def test_gradient_clipping_scales_the_global_norm(tmp_path):
+    cfg = scaled_train.parse_config([*TINY, "--out", str(tmp_path), "--grad-clip", "0.01"])
+    trainer = scaled_train.Trainer(cfg)
+    try:
+        norms, optimizer_step = [], trainer.optimizer.step
+
+        def step_and_record():
+            norms.append(torch.stack([p.grad.to_local().norm() for p in trainer.net.parameters()]).norm().item())
+            optimizer_step()
+
+        trainer.optimizer.step = step_and_record
+        logs = trainer.train_step()
+        assert logs["grad_norm"] > 0.05 and norms == pytest.approx([0.01], rel=1e-4)
+    finally:
+        scaled_train.dist.destroy_process_group()
