@@ -620,11 +620,13 @@ def power_ema_gamma(sigma_rel):
 
 
 class PowerEMA:
-    """An EMA copy of a network with the power-function profile; `net` is the averaged network."""
+    """An EMA copy of a network with the power-function profile; `net` is the averaged network.
+    `average`: a network of net's structure to hold the average (a sharded one, say; the first
+    update overwrites its values) instead of a deep copy of net."""
 
-    def __init__(self, net, sigma_rel):
+    def __init__(self, net, sigma_rel, average=None):
         self.gamma = power_ema_gamma(sigma_rel)
-        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.net = (copy.deepcopy(net) if average is None else average).eval().requires_grad_(False)
         self.num_updates = 0
 
     @torch.no_grad()
@@ -647,8 +649,9 @@ class Progress:
     """Progress of a training phase: a tqdm bar in a terminal; otherwise (stderr redirected to a
     file) a plain line every `interval` seconds. Each of those lines also goes to `log_path`."""
 
-    def __init__(self, total, phase, log_path=None, interval=5.0, first_step=0):
+    def __init__(self, total, phase, log_path=None, interval=5.0, first_step=0, every=None):
         self.total, self.phase, self.log_path, self.interval = total, phase, log_path, interval
+        self.every = every  # a line every this many steps instead of every `interval` seconds
         self.first_step = first_step  # where a resumed phase starts; the rate counts from there
         self.bar = (tqdm(total=total, initial=first_step, desc=phase, mininterval=1.0)
                     if sys.stderr.isatty() else None)
@@ -660,7 +663,8 @@ class Progress:
         now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(1)
-        if now - self.last < self.interval and step + 1 < self.total:
+        due = (step + 1) % self.every == 0 if self.every else now - self.last >= self.interval
+        if not due and step + 1 < self.total:
             return
         self.last = now
         rate = (step + 1 - self.first_step) / max(now - self.start, 1e-9)
@@ -1082,8 +1086,12 @@ class ImageBatches:
         self.scale = SIGMA_D / std
 
     def __call__(self, n, generator):
-        index = torch.randint(len(self.images), (n,), generator=generator).to(self.images.device)
-        flip = (torch.rand(n, generator=generator) < 0.5).to(self.images.device)[:, None, None, None]
+        return self.at(torch.randint(len(self.images), (n,), generator=generator), generator)
+
+    def at(self, index, generator):
+        """The images at `index` (int64 [n]), each flipped at random, in model units."""
+        index = index.to(self.images.device)
+        flip = (torch.rand(len(index), generator=generator) < 0.5).to(self.images.device)[:, None, None, None]
         x = self.images[index]
         return self.to_model(torch.where(flip, x.flip(3), x))
 

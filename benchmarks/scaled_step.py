@@ -40,7 +40,6 @@ import time
 import traceback
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import scm_min  # noqa: E402
@@ -94,29 +93,6 @@ def matmul_rate(device):
     return 2 * n ** 3 / seconds
 
 
-def flops_per_sample(preset, overrides):
-    """Matrix FLOPs per sample of the teacher forward, the JVP pass and the gradient pass."""
-    with torch.device("meta"):
-        net = make_net(preset, **overrides)
-        shape = (1, net.img_channels, *(2 * [net_resolution(preset, overrides)]))
-        x, t, labels = torch.randn(shape), torch.rand(1), torch.zeros(1, dtype=torch.long)
-    counts = {}
-    bound = functools.partial(net, class_labels=labels)
-    for name, run in (("forward", lambda: bound(x, t)),
-                      ("jvp", lambda: forward_ad_jvp(bound, (x, t), (x, t))),
-                      ("forward_backward", None)):
-        with FlopCounterMode(display=False) as counter:
-            if run is None:
-                bound(x, t).sum().backward()
-            else:
-                with torch.no_grad():
-                    run()
-        counts[name] = counter.get_total_flops()
-    counts["scd_step"] = counts["forward"] + counts["jvp"] + counts["forward_backward"]
-    counts["teacher_step"] = counts["forward_backward"]
-    return counts
-
-
 def net_resolution(preset, overrides):
     return {**PRESETS[preset], **overrides}.get("img_resolution", 64)
 
@@ -145,7 +121,7 @@ def trained_like(net):
     """Parameters that start at zero (output gains, output layers, DiT's gates) set as in a trained
     net (gains 1, the rest N(0, 0.02^2)), so that F and its tangent depend on every layer."""
     for p in net.parameters():
-        if p.ndim == 0:
+        if p.numel() == 1:
             p.fill_(1.0) if p == 0 else None
         else:
             zero_rows = (p.reshape(len(p), -1) == 0).all(dim=1)
@@ -337,7 +313,9 @@ def compiled_tangent_check(net, x0, labels):
 def run_preset(preset, mode, device, capacity_gib, peak_flops, args, log):
     overrides = {}
     result = dict(preset=preset, mode=mode)
-    counts = flops_per_sample(preset, overrides)
+    with torch.device("meta"):
+        channels = make_net(preset, **overrides).img_channels
+    counts = flops_per_sample(preset, (channels, *2 * [net_resolution(preset, overrides)]), **overrides)
     result["gflop_per_sample"] = {name: round(value / 1e9, 2) for name, value in counts.items()}
     reset_memory(device)
     setup = Setup(preset, device, mode, overrides)

@@ -31,6 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from scaled.attention import attention
 from scm_min import AdaptiveWeight, TimeEmbedding, adaptive_double_norm, pixel_norm
@@ -109,7 +110,10 @@ class MPConv(nn.Module):
 
     @torch.no_grad()
     def project_(self):
-        self.weight.copy_(unit_rows(self.weight))
+        # A weight sharded by fully_shard holds whole rows (dim 0) on each rank: normalizing the local
+        # rows is exact and skips DTensor's dispatch (5x faster for a 30M U-Net, measured on a CPU).
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        weight.copy_(unit_rows(weight))
 
     @torch.no_grad()
     def bake_(self, dtype, gain=1.0):
@@ -253,7 +257,7 @@ class UNet(nn.Module):
         if guidance_embedding:
             self.guidance_features = TimeEmbedding(cnoise, guidance_max_freq)
             self.emb_guidance = MPConv(cnoise, cemb, fp32=True)
-            self.guidance_gain = nn.Parameter(torch.zeros([]))  # 0: starts as the unguided net
+            self.guidance_gain = nn.Parameter(torch.zeros([1]))  # 0: starts as the unguided net; 1-D: fully_shard refuses scalars
         else:
             self.emb_guidance = None
 
@@ -282,7 +286,7 @@ class UNet(nn.Module):
                 cout = width
         self.enc, self.dec = nn.ModuleList(enc), nn.ModuleList(dec)
         self.out_conv = MPConv(cout, img_channels, 3)
-        self.out_gain = nn.Parameter(torch.zeros([]))  # 0: F = 0 at initialization (EDM2)
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # 0: F = 0 at initialization (EDM2); 1-D: fully_shard refuses scalars
         self.logvar = AdaptiveWeight(logvar_channels)
 
     def regions(self):

@@ -21,12 +21,13 @@ import functools
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch.utils.flop_counter import FlopCounterMode
 
-from scaled.networks import is_functorch_wrapped, project_weights_
+from scaled.networks import is_functorch_wrapped, make_net, project_weights_
 from scm_min import (SIGMA_D, SCMLoss, TeacherLoss, consistency_times, sample_consistency, sample_teacher,
                      scm_g, teacher_times)
 
-__all__ = ["forward_ad_jvp", "RecordingJVP", "prepare", "scm_loss", "teacher_loss", "TrainStep",
+__all__ = ["forward_ad_jvp", "flops_per_sample", "RecordingJVP", "prepare", "scm_loss", "teacher_loss", "TrainStep",
            "classifier_free_guidance", "sample_few_step", "sample_teacher_guided"]
 
 # Time proposals of sCM v2's ImageNet 512 runs: consistency model and teacher.
@@ -144,6 +145,32 @@ def prepare(net, compile=False, checkpoint=False):
 
 #----------------------------------------------------------------------------
 # Losses and the training step.
+
+def flops_per_sample(preset, shape, **overrides):
+    """Matrix FLOPs per sample [C, H, W] of the forward, the JVP pass and the gradient pass of a
+    preset, counted by torch.utils.flop_counter on the meta device (convolutions, linear layers,
+    attention products; nothing elementwise), and of the sCD step (the teacher's forward, the JVP
+    pass, the gradient pass) and the teacher's diffusion step (the gradient pass)."""
+    with torch.device("meta"):
+        net = make_net(preset, **overrides)
+        x, t = torch.randn(1, *shape), torch.rand(1)
+        labels = torch.zeros(1, dtype=torch.long) if net.label_dim else None
+    bound = functools.partial(net, class_labels=labels)
+    counts = {}
+    for name, run in (("forward", lambda: bound(x, t)),
+                      ("jvp", lambda: forward_ad_jvp(bound, (x, t), (x, t))),
+                      ("forward_backward", None)):
+        with FlopCounterMode(display=False) as counter:
+            if run is None:
+                bound(x, t).sum().backward()
+            else:
+                with torch.no_grad():
+                    run()
+        counts[name] = counter.get_total_flops()
+    counts["scd_step"] = counts["forward"] + counts["jvp"] + counts["forward_backward"]
+    counts["teacher_step"] = counts["forward_backward"]
+    return counts
+
 
 def scm_loss(net, teacher=None, P_mean=IMAGENET512_P["P_mean"], P_std=IMAGENET512_P["P_std"],
              warmup_steps=10000, tangent_c=0.1, jvp=forward_ad_jvp):
