@@ -160,11 +160,11 @@ def test_encode_resumes_after_a_crash_and_skips_done_shards(tmp_path, vae_folder
     reference = tmp_path / "reference"
     assert encode.main(encode_args(source, reference, vae_folder)) == 0
     out = tmp_path / "latents"
-    calls, real_encode_batch = [], encode.encode_batch
+    real_encode_batch, calls, crash_at = encode.encode_batch, [], [5]
 
-    def crashing(*args):   # the process dies during shard 1 (batches of 3 in shards of 8)
+    def crashing(*args):   # the 5th batch dies: during shard 1 (batches of 3 in shards of 8)
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == crash_at[0]:
             raise KeyboardInterrupt
         return real_encode_batch(*args)
 
@@ -181,6 +181,13 @@ def test_encode_resumes_after_a_crash_and_skips_done_shards(tmp_path, vae_folder
     open(shard_paths(str(out), 2)[1], "w").write(open(record2).read())
     open(shard_paths(str(out), 2)[0], "wb").write(open(npy2, "rb").read()[:500])
     done_before = os.path.getmtime(shard_paths(str(out), 0)[0])
+    calls.clear()
+    crash_at[0] = 1   # a run that dies at once still removed the killed run's temporaries first
+    monkeypatch.setattr(encode, "encode_batch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        encode.main(encode_args(source, out, vae_folder))
+    monkeypatch.setattr(encode, "encode_batch", real_encode_batch)
+    assert not os.path.exists(shard_paths(str(out), 1)[0] + ".tmp")
     capsys.readouterr()
     assert encode.main(encode_args(source, out, vae_folder)) == 0
     err = capsys.readouterr().err
