@@ -5,9 +5,10 @@
     torchrun --nproc-per-node 8 -m scaled.sample ...      # each process takes every 8th batch
 
 Weights: one file holding the net's state_dict (parameter name -> tensor), as a `.safetensors`
-file (what the trainer's EMA export writes) or a torch file (`torch.save(net.state_dict(), path)`,
-read with weights_only=True). Whether the net takes a guidance input and how many classes it has
-is read from the weights.
+file (scaled.train's EMA export, `OUT/ema.safetensors`, whose metadata names the preset and its
+make_net arguments) or a torch file (`torch.save(net.state_dict(), path)`, read with
+weights_only=True; pass --preset). Without metadata, whether the net takes a guidance input and how
+many classes it has is read from the parameter names and shapes.
 
 Samplers: `1` or `2` consistency steps (sCM v2, Sec. 5.2; t_mid 1.1) of a student, which receives
 the guidance scale as an input if it was distilled from a guided teacher (default scales: 1.3 for
@@ -27,6 +28,7 @@ and EDM2's evaluation scripts.
 import argparse
 import dataclasses
 import inspect
+import json
 import os
 import sys
 import time
@@ -49,13 +51,18 @@ PAPER_GUIDANCE = {"1": 1.3, "2": 1.2}
 #----------------------------------------------------------------------------
 # The network.
 
-def load_state_dict(path):
-    """A state_dict from a .safetensors file or a torch file; InputError for anything else."""
+def load_weights(path):
+    """(state_dict, metadata) from a .safetensors file (metadata: its header's, e.g. scaled.train's
+    "net" and "net_kwargs") or a torch file (no metadata); InputError for anything else."""
     if not os.path.isfile(path):
         raise InputError(f"weights file {path} does not exist")
+    metadata = {}
     try:
         if path.endswith(".safetensors"):
+            from safetensors import safe_open
             from safetensors.torch import load_file
+            with safe_open(path, "pt") as file:
+                metadata = file.metadata() or {}
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -65,29 +72,38 @@ def load_state_dict(path):
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path} does not hold a plain state_dict (parameter name -> tensor); export the EMA "
                          f"weights with torch.save(net.state_dict(), path) or safetensors.torch.save_file")
-    return state
+    return state, metadata
 
 
-def net_from_state_dict(preset, state):
-    """make_net(preset) with the guidance input and class count the weights have, weights loaded."""
+def net_from_weights(preset, state, metadata):
+    """(net, its make_net config) for the weights, weights loaded: the preset and make_net arguments of the
+    file's metadata ("net", "net_kwargs", as scaled.train exports), else `preset` with the
+    guidance input and class count read from the parameter names and shapes."""
+    if metadata.get("net"):
+        if preset and preset != metadata["net"]:
+            raise InputError(f"the weights are a {metadata['net']} (their metadata), not --preset {preset}")
+        preset, overrides = metadata["net"], json.loads(metadata.get("net_kwargs") or "{}")
+    else:
+        if not preset:
+            raise InputError("the weights carry no metadata naming their network: pass --preset")
+        overrides = dict(guidance_embedding=any(k.startswith(("emb_guidance.", "guidance_mlp.", "guidance_gain"))
+                                                for k in state))
+        if "emb_label.weight" in state:
+            overrides["label_dim"] = state["emb_label.weight"].shape[1]
+        elif "label_embed.weight" in state:
+            overrides["label_dim"] = state["label_embed.weight"].shape[0] - 1
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    guidance = any(k.startswith(("emb_guidance.", "guidance_mlp.", "guidance_gain")) for k in state)
-    overrides = dict(guidance_embedding=guidance)
-    if "emb_label.weight" in state:
-        overrides["label_dim"] = state["emb_label.weight"].shape[1]
-    elif "label_embed.weight" in state:
-        overrides["label_dim"] = state["label_embed.weight"].shape[0] - 1
     net = make_net(preset, **overrides)
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
         raise InputError(f"the weights do not fit preset {preset}: {str(error).splitlines()[1].strip()}") from None
-    return net
+    return net, {**PRESETS[preset], **overrides}
 
-def latent_shape(preset):
-    """(C, H, W) of a preset's inputs: its overrides, else the network class's defaults."""
-    config = PRESETS[preset]
+
+def latent_shape(config):
+    """(C, H, W) of a net's inputs: from its make_net config, else the network class's defaults."""
     defaults = inspect.signature({"unet": UNet, "dit": DiT}[config["arch"]]).parameters
     channels, resolution = (config.get(k, defaults[k].default) for k in ("img_channels", "img_resolution"))
     return channels, resolution, resolution
@@ -120,9 +136,9 @@ def write_npz(path, png_paths, labels, suffix):
 
 @dataclasses.dataclass
 class SampleConfig:
-    preset: str
     weights: str
     out: str
+    preset: str = ""
     sampler: str = "2"
     guidance: float = None
     teacher_steps: int = 32
@@ -140,7 +156,8 @@ class SampleConfig:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m scaled.sample", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True, help=f"network preset ({', '.join(PRESETS)})")
+    parser.add_argument("--preset", default="",
+                        help=f"network preset ({', '.join(PRESETS)}); default: the one the weights' metadata names")
     parser.add_argument("--weights", required=True, help="state_dict file: .safetensors or torch.save")
     parser.add_argument("--out", required=True, help="output folder (images/ and samples.npz)")
     parser.add_argument("--sampler", choices=["1", "2", "teacher"], default="2",
@@ -209,7 +226,7 @@ def run(cfg):
     if cfg.n < 1 or cfg.batch_size < 1 or cfg.decode_batch < 1 or cfg.teacher_steps < 1:
         raise InputError("--n, --batch-size, --decode-batch and --teacher-steps must be positive")
     mean, std = normalization(cfg)
-    net = net_from_state_dict(cfg.preset, load_state_dict(cfg.weights))
+    net, config = net_from_weights(cfg.preset, *load_weights(cfg.weights))
     if net.label_dim == 0 and cfg.classes != "all":
         raise InputError("these weights are unconditional: drop --classes")
     labels = class_list(cfg.classes, net.label_dim, cfg.n) if net.label_dim else [-1] * cfg.n
@@ -225,7 +242,7 @@ def run(cfg):
     prefix = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{prefix}{cfg.n} images, sampler {cfg.sampler}, {len(mine)} batches to sample on {device}",
           file=sys.stderr, flush=True)
-    shape = latent_shape(cfg.preset)
+    shape = latent_shape(config)
     progress = Progress(len(mine), f"{prefix}sample", os.path.join(cfg.out, "sample.log"))
     start, done = time.perf_counter(), 0
     for step, (b, batch) in enumerate(mine):

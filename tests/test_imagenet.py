@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import scm_min
 from scaled import encode, sample
@@ -131,10 +132,11 @@ def test_teacher_and_guided_scd_steps_then_samples_decode_to_pngs(encoded, vae_f
         assert torch.isfinite(loss) and logs["g_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
 
-    from safetensors.torch import save_file
-    save_file(student.state_dict(), str(tmp_path / "student.safetensors"))
+    # As scaled.train exports EMA weights: safetensors whose metadata names the preset and its arguments.
+    save_file(student.state_dict(), str(tmp_path / "student.safetensors"),
+              metadata=dict(net="unet-tiny", net_kwargs=json.dumps(dict(guidance_embedding=True))))
     out = tmp_path / "samples"
-    args = ["--preset", "unet-tiny", "--weights", str(tmp_path / "student.safetensors"), "--out", str(out),
+    args = ["--weights", str(tmp_path / "student.safetensors"), "--out", str(out),
             "--vae", vae_folder, "--n", "5", "--batch-size", "2", "--classes", "0,2", "--npz"]
     assert sample.main(args + ["--sampler", "2"]) == 0
     pngs = sorted(os.listdir(out / "images"))
@@ -244,8 +246,10 @@ def test_bad_input_gives_one_line_and_keeps_finished_work(tmp_path, vae_folder, 
     # Weights that are no state_dict, or do not fit the preset.
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     torch.save(make_net("dit-tiny").state_dict(), tmp_path / "dit.pt")
+    save_file(make_net("dit-tiny").state_dict(), str(tmp_path / "dit.safetensors"),
+              metadata=dict(net="dit-tiny", net_kwargs="{}"))
     for weights, message in (("bad.pt", "cannot read weights"), ("dit.pt", "do not fit preset unet-tiny"),
-                             ("none.pt", "does not exist")):
+                             ("none.pt", "does not exist"), ("dit.safetensors", "not --preset unet-tiny")):
         assert sample.main(["--preset", "unet-tiny", "--weights", str(tmp_path / weights), "--out",
                             str(tmp_path / "s"), "--vae", vae_folder, "--n", "1"]) == 2
         assert message in one_error_line(capsys)
