@@ -268,13 +268,18 @@ def run(cfg):
     return records
 
 
-def main(argv=None):
+def command(run, parse_args, argv=None):
+    """Run a command line job; bad input prints one `error:` line and returns exit code 2."""
     try:
         run(parse_args(argv))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None):
+    return command(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from scaled.encode import distributed_rank
+from scaled.encode import command, distributed_rank
 from scaled.latents import DEFAULT_VAE, LATENT_MEAN, LATENT_STD, decode_to_pixels, load_vae, measured_normalization, \
     read_manifest, shard_is_done
 from scaled.networks import PRESETS, DiT, UNet, freeze, make_net
@@ -268,12 +268,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return command(run, parse_args, argv)
 
 
 if __name__ == "__main__":
