@@ -187,7 +187,8 @@ class LatentDataset:
             except (OSError, ValueError) as error:
                 raise InputError(f"shard record {record_path} is corrupt ({error}): delete it and {npy}, then run "
                                  f"python -m scaled.encode again to re-encode that shard") from None
-        self.shards = [_open_shard(shard_paths(folder, i)[0], r["count"], m) for i, r in enumerate(records)]
+        self.counts = [r["count"] for r in records]
+        self.shards = self._open_shards()   # checked now; reopened lazily in another process
         self.labels = torch.tensor([label for r in records for label in r["labels"]], dtype=torch.int64)
         self.starts = np.cumsum([0] + [r["count"] for r in records])
         if self.starts[-1] != m["num_images"]:
@@ -201,6 +202,13 @@ class LatentDataset:
         self.shape = (m["latent_channels"], m["latent_size"], m["latent_size"])
         self.num_classes = len(m["classes"])
 
+    def _open_shards(self):
+        return [_open_shard(shard_paths(self.folder, i)[0], count, self.manifest) for i, count in enumerate(self.counts)]
+
+    def __getstate__(self):
+        # Pickling a memory map copies the whole array: hand over the paths, not the maps.
+        return {**self.__dict__, "shards": None}
+
     def __len__(self):
         return int(self.starts[-1])
 
@@ -209,6 +217,8 @@ class LatentDataset:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"indices outside [0, {len(self)})")
+        if self.shards is None:
+            self.shards = self._open_shards()
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
         out = np.empty((len(indices), 2 * self.shape[0], *self.shape[1:]), dtype=np.float32)
         for shard in np.unique(shard_of):

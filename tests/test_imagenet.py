@@ -5,6 +5,7 @@ LatentDataset -> teacher steps with label dropout and sCD steps of the guided te
 
 import json
 import os
+import pickle
 
 import numpy as np
 import PIL.Image
@@ -102,6 +103,9 @@ def test_dataset_draws_from_the_posterior_and_normalizes(encoded):
     torch.testing.assert_close(x, expected)
     torch.testing.assert_close(denormalize(normalize(raw[:, :4])), raw[:, :4])
     assert not torch.equal(x, data.batch(indices, torch.Generator().manual_seed(1))[0])   # a fresh draw
+    copy = pickle.loads(pickle.dumps(data))   # as a worker process receives it: paths, no mapped arrays
+    assert len(pickle.dumps(data)) < 20000
+    torch.testing.assert_close(copy.batch(indices, torch.Generator().manual_seed(0))[0], x)
     # With the measured moments, draws over the whole set have per-channel mean 0 and std SIGMA_D.
     measured = LatentDataset(str(latents), normalization="measured")
     draws = torch.cat([measured.batch(torch.arange(20), torch.Generator().manual_seed(s))[0] for s in range(20)])
@@ -286,3 +290,17 @@ def test_label_dropout_and_per_sample_guidance_reach_the_networks():
     assert [name for name, _, _ in seen] == ["teacher", "student", "student"]
     assert all(torch.equal(g, guidances[0]) for g in guidances) and 1 <= guidances[0].min() <= guidances[0].max() <= 2
     assert all(torch.equal(labels, torch.arange(256) % 5) for _, labels, _ in seen)   # sCD drops no labels
+
+
+def test_processes_of_a_torchrun_encode_take_every_nth_shard(tmp_path, vae_folder, encoded, monkeypatch, capsys):
+    source, reference = encoded
+    out = tmp_path / "latents"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shards in (("1", [1]), ("0", [0, 1, 2])):
+        monkeypatch.setenv("RANK", rank)
+        assert encode.main(encode_args(source, out, vae_folder)) == 0
+        assert [i for i in range(3) if os.path.exists(shard_paths(str(out), i)[1])] == shards
+    assert "all shards done" in capsys.readouterr().err
+    for index in range(3):
+        np.testing.assert_array_equal(np.load(shard_paths(str(out), index)[0]),
+                                      np.load(shard_paths(str(reference), index)[0]))
