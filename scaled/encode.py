@@ -18,7 +18,6 @@ process group is needed. A bad image stops the run with one line naming the file
 shards stay.
 """
 
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -33,7 +32,8 @@ import torch
 
 from scaled.latents import DEFAULT_VAE, FORMAT, load_vae, measured_normalization, read_manifest, shard_is_done, \
     shard_paths, LATENT_MEAN, LATENT_STD
-from scm_min import InputError, Progress, _atomic_write
+from scm_min import InputError, Progress, _atomic_write, option
+from scm_min import parse_args as parse_config
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 
@@ -100,31 +100,33 @@ def _collate(items):
 
 @dataclasses.dataclass
 class EncodeConfig:
-    source: str
-    out: str
-    vae: str = DEFAULT_VAE
-    resolution: int = 512
-    shard_size: int = 4096
-    batch_size: int = 32
-    dtype: str = "float32"
-    workers: int = 8
-    device: str = ""
+    source: str = option("", "image folder with one subfolder per class (required)")
+    out: str = option("", "output folder of latent shards (required; created, or resumed if it exists)")
+    vae: str = option(DEFAULT_VAE, "Hugging Face model id in the local cache, or a folder from "
+                      "AutoencoderKL.save_pretrained")
+    resolution: int = option(512, "image side in pixels after the center crop")
+    shard_size: int = option(4096, "images per shard")
+    batch_size: int = option(32, "images per VAE call")
+    dtype: str = option("float32", "storage of the posterior mean and std: float32 or float16 (half the disk space)")
+    workers: int = option(8, "image decoding processes per GPU (0: in-process)")
+    device: str = option("", "torch device (default: cuda:LOCAL_RANK if CUDA is present, else cpu)")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m scaled.encode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True, help="image folder with one subfolder per class")
-    parser.add_argument("--out", required=True, help="output folder of latent shards (created; resumed if it exists)")
-    parser.add_argument("--vae", default=DEFAULT_VAE,
-                        help="Hugging Face model id in the local cache, or a folder from AutoencoderKL.save_pretrained")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels after the center crop")
-    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                        help="storage of the posterior mean and std (float16 halves the disk space)")
-    parser.add_argument("--workers", type=int, default=8, help="image decoding processes per GPU (0: in-process)")
-    parser.add_argument("--device", default="", help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
-    return EncodeConfig(**vars(parser.parse_args(argv)))
+    return parse_config(argv, EncodeConfig, prog="python -m scaled.encode", description=__doc__.split("\n\n")[0])
+
+
+def check_config(cfg, required, positive, choices):
+    """InputError for a missing required option, a non-positive count or a value off its list."""
+    for name in required:
+        if not getattr(cfg, name):
+            raise InputError(f"--{name.replace('_', '-')} is required")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
 
 
 def plan_manifest(cfg, classes, files, labels, vae_config):
@@ -211,9 +213,8 @@ def encode_batch(vae, images, device):
 def run(cfg):
     rank, world, local_rank = distributed_rank()
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    for name in ("shard_size", "batch_size", "resolution"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    check_config(cfg, ["source", "out"], ["shard_size", "batch_size", "resolution"],
+                 dict(dtype=["float32", "float16"]))
     classes, files, labels = scan_folder(cfg.source)
     vae = load_vae(cfg.vae, device)
     manifest = plan_manifest(cfg, classes, files, labels, vae.config)

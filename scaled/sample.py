@@ -25,7 +25,6 @@ OUT/samples.npz holding arr_0 (uint8 [N, H, W, 3]) and arr_1 (labels), the batch
 and EDM2's evaluation scripts.
 """
 
-import argparse
 import dataclasses
 import inspect
 import json
@@ -38,12 +37,13 @@ import numpy as np
 import PIL.Image
 import torch
 
-from scaled.encode import command, distributed_rank
+from scaled.encode import check_config, command, distributed_rank
 from scaled.latents import DEFAULT_VAE, LATENT_MEAN, LATENT_STD, decode_to_pixels, load_vae, measured_normalization, \
     read_manifest, shard_is_done
 from scaled.networks import PRESETS, DiT, UNet, freeze, make_net
 from scaled.step import sample_few_step, sample_teacher_guided
-from scm_min import SIGMA_D, InputError, Progress
+from scm_min import SIGMA_D, InputError, Progress, option
+from scm_min import parse_args as parse_config
 
 # Guidance scales of sCM v2's ImageNet-512 evaluation: 1 step and 2 steps.
 PAPER_GUIDANCE = {"1": 1.3, "2": 1.2}
@@ -136,49 +136,27 @@ def write_npz(path, png_paths, labels, suffix):
 
 @dataclasses.dataclass
 class SampleConfig:
-    weights: str
-    out: str
-    preset: str = ""
-    sampler: str = "2"
-    guidance: float = None
-    teacher_steps: int = 32
-    n: int = 50000
-    classes: str = "all"
-    seed: int = 0
-    batch_size: int = 32
-    decode_batch: int = 8
-    vae: str = DEFAULT_VAE
-    vae_dtype: str = "float32"
-    latent_stats: str = ""
-    npz: bool = False
-    device: str = ""
+    weights: str = option("", "state_dict file: .safetensors (scaled.train's export) or torch.save (required)")
+    out: str = option("", "output folder: images/ and samples.npz (required)")
+    preset: str = option("", f"network preset ({', '.join(PRESETS)}); default: the one the weights' metadata names")
+    sampler: str = option("2", "1 or 2 consistency steps, or teacher (the guided PF-ODE)")
+    guidance: float = option(None, "guidance scale (default: 1.3 for 1 step, 1.2 for 2 steps and the teacher)")
+    teacher_steps: int = option(32, "Heun steps of the teacher sampler")
+    n: int = option(50000, "number of images")
+    classes: str = option("all", "'all' (evenly, image i gets class i mod num_classes) or comma-separated indices")
+    seed: int = option(0, "seed of the noise (per batch)")
+    batch_size: int = option(32, "images per sampling batch")
+    decode_batch: int = option(8, "latents per VAE decoder call")
+    vae: str = option(DEFAULT_VAE, "Hugging Face model id in the local cache, or a folder")
+    vae_dtype: str = option("float32", "precision of the VAE decoder: float32, bfloat16 or float16")
+    latent_stats: str = option("", "an encoded latent folder whose measured normalization the net was trained "
+                               "with (default: the paper's per-channel mean and std)")
+    npz: bool = option(False, "also write OUT/samples.npz once all images exist")
+    device: str = option("", "torch device (default: cuda:LOCAL_RANK if CUDA is present, else cpu)")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m scaled.sample", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="",
-                        help=f"network preset ({', '.join(PRESETS)}); default: the one the weights' metadata names")
-    parser.add_argument("--weights", required=True, help="state_dict file: .safetensors or torch.save")
-    parser.add_argument("--out", required=True, help="output folder (images/ and samples.npz)")
-    parser.add_argument("--sampler", choices=["1", "2", "teacher"], default="2",
-                        help="1 or 2 consistency steps, or the teacher's guided PF-ODE")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="guidance scale (default: 1.3 for 1 step, 1.2 for 2 steps and the teacher)")
-    parser.add_argument("--teacher-steps", type=int, default=32, help="Heun steps of the teacher sampler")
-    parser.add_argument("--n", type=int, default=50000, help="number of images")
-    parser.add_argument("--classes", default="all", help="'all' (evenly) or comma-separated class indices")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per sampling batch")
-    parser.add_argument("--decode-batch", type=int, default=8, help="latents per VAE decoder call")
-    parser.add_argument("--vae", default=DEFAULT_VAE, help="Hugging Face model id in the local cache, or a folder")
-    parser.add_argument("--vae-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="precision of the VAE decoder")
-    parser.add_argument("--latent-stats", default="",
-                        help="an encoded latent folder whose measured normalization the net was trained with "
-                             "(default: the paper's per-channel mean and std)")
-    parser.add_argument("--npz", action="store_true", help="also write OUT/samples.npz once all images exist")
-    parser.add_argument("--device", default="", help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
-    return SampleConfig(**vars(parser.parse_args(argv)))
+    return parse_config(argv, SampleConfig, prog="python -m scaled.sample", description=__doc__.split("\n\n")[0])
 
 
 def class_list(spec, num_classes, n):
@@ -223,8 +201,8 @@ def make_sampler(cfg, net):
 def run(cfg):
     rank, world, local_rank = distributed_rank()
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if cfg.n < 1 or cfg.batch_size < 1 or cfg.decode_batch < 1 or cfg.teacher_steps < 1:
-        raise InputError("--n, --batch-size, --decode-batch and --teacher-steps must be positive")
+    check_config(cfg, ["weights", "out"], ["n", "batch_size", "decode_batch", "teacher_steps"],
+                 dict(sampler=["1", "2", "teacher"], vae_dtype=["float32", "bfloat16", "float16"]))
     mean, std = normalization(cfg)
     net, config = net_from_weights(cfg.preset, *load_weights(cfg.weights))
     if net.label_dim == 0 and cfg.classes != "all":
