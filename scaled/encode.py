@@ -177,13 +177,17 @@ def write_shard(out, index, posterior, labels, files, dtype):
     """The shard's array, then its record: the record marks the shard done (atomic renames)."""
     npy, record_path = shard_paths(out, index)
     array = posterior.numpy().astype(dtype)
-    stored = torch.from_numpy(array.astype(np.float64))
-    channels = stored.shape[1] // 2
-    mean, std = stored[:, :channels], stored[:, channels:]
+    channels = array.shape[1] // 2
+    # Moments of a draw mean + std * n, summed in float64 one channel at a time (a whole shard in
+    # float64 would be 1 GB): E[x] = mean, E[x^2] = mean^2 + std^2.
+    sum_mean, sum_second_moment = [], []
+    for c in range(channels):
+        mean, std = array[:, c].astype(np.float64), array[:, channels + c].astype(np.float64)
+        sum_mean.append(float(mean.sum()))
+        sum_second_moment.append(float((mean ** 2).sum() + (std ** 2).sum()))
     record = dict(index=index, count=len(labels), labels=labels, files=files,
-                  pixels_per_channel=int(mean.shape[2] * mean.shape[3]),
-                  sum_mean=mean.sum(dim=(0, 2, 3)).tolist(),
-                  sum_second_moment=(mean ** 2 + std ** 2).sum(dim=(0, 2, 3)).tolist())
+                  pixels_per_channel=int(array.shape[2] * array.shape[3]),
+                  sum_mean=sum_mean, sum_second_moment=sum_second_moment)
 
     def save_array(tmp):
         with open(tmp, "wb") as f:
