@@ -304,3 +304,20 @@ def test_processes_of_a_torchrun_encode_take_every_nth_shard(tmp_path, vae_folde
     for index in range(3):
         np.testing.assert_array_equal(np.load(shard_paths(str(out), index)[0]),
                                       np.load(shard_paths(str(reference), index)[0]))
+
+
+def test_sampling_processes_split_batches_and_match_one_process(tmp_path, vae_folder, monkeypatch, capsys):
+    torch.manual_seed(0)
+    torch.save(make_net("unet-tiny", dtype=torch.float32).state_dict(), tmp_path / "net.pt")
+    args = lambda out: ["--preset", "unet-tiny", "--weights", str(tmp_path / "net.pt"), "--out", str(tmp_path / out),
+                        "--vae", vae_folder, "--n", "5", "--batch-size", "2", "--sampler", "teacher",
+                        "--teacher-steps", "2", "--npz"]
+    assert sample.main(args("one")) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, images in (("1", [2, 3]), ("0", [0, 1, 2, 3, 4])):   # batches of 2: process 1 takes batch 1
+        monkeypatch.setenv("RANK", rank)
+        assert sample.main(args("two")) == 0
+        assert sorted(os.listdir(tmp_path / "two" / "images")) == [f"{i:06d}.png" for i in images]
+        assert os.path.exists(tmp_path / "two" / "samples.npz") == (rank == "0")   # the last one writes it
+    with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
+        np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
