@@ -42,7 +42,7 @@ from scaled.latents import DEFAULT_VAE, LATENT_MEAN, LATENT_STD, decode_to_pixel
     read_manifest, shard_is_done
 from scaled.networks import PRESETS, DiT, UNet, freeze, make_net
 from scaled.step import sample_few_step, sample_teacher_guided
-from scm_min import SIGMA_D, InputError, Progress, option
+from scm_min import SIGMA_D, InputError, Progress, _atomic_write, option
 from scm_min import parse_args as parse_config
 
 # Guidance scales of sCM v2's ImageNet-512 evaluation: 1 step and 2 steps.
@@ -198,6 +198,21 @@ def make_sampler(cfg, net):
     return sample
 
 
+def check_settings(cfg):
+    """Record the run's settings in OUT/sample.json, or refuse to resume a folder sampled with others
+    (its images would mix two settings)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "npz")}
+    path = os.path.join(cfg.out, "sample.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        differs = sorted(k for k in settings if previous.get(k) != settings[k])
+        if differs:
+            raise InputError(f"{cfg.out} holds samples made with other {', '.join(differs)}; use another --out")
+        return
+    _atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(settings, indent=1)))
+
+
 def run(cfg):
     rank, world, local_rank = distributed_rank()
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -211,6 +226,7 @@ def run(cfg):
     net = freeze(net.to(device), torch.bfloat16 if device.type == "cuda" else torch.float32)
     sampler = make_sampler(cfg, net)
     vae = load_vae(cfg.vae, device, getattr(torch, cfg.vae_dtype))
+    check_settings(cfg)
     images = os.path.join(cfg.out, "images")
     os.makedirs(images, exist_ok=True)
     png_paths = [os.path.join(images, f"{i:06d}.png") for i in range(cfg.n)]

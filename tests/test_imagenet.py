@@ -113,7 +113,7 @@ def test_dataset_draws_from_the_posterior_and_normalizes(encoded):
     torch.testing.assert_close(draws.std(dim=(0, 2, 3)), torch.full((4,), SIGMA_D), atol=0.02, rtol=0)
 
 
-def test_teacher_and_guided_scd_steps_then_samples_decode_to_pngs(encoded, vae_folder, tmp_path):
+def test_teacher_and_guided_scd_steps_then_samples_decode_to_pngs(encoded, vae_folder, tmp_path, capsys):
     _, latents = encoded
     data = LatentDataset(str(latents))
     generator = torch.Generator().manual_seed(0)
@@ -153,6 +153,9 @@ def test_teacher_and_guided_scd_steps_then_samples_decode_to_pngs(encoded, vae_f
     # A second run finds every image and samples nothing; the 1-step and teacher samplers also run.
     mtime = os.path.getmtime(out / "images" / pngs[0])
     assert sample.main(args + ["--sampler", "2"]) == 0 and os.path.getmtime(out / "images" / pngs[0]) == mtime
+    capsys.readouterr()
+    assert sample.main(args + ["--sampler", "2", "--seed", "1"]) == 2   # other settings into the same folder
+    assert "holds samples made with other seed" in one_error_line(capsys)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
     for sampler, weights in (("1", "student.safetensors"), ("teacher", "teacher.pt")):
         run = tmp_path / sampler
