@@ -112,6 +112,8 @@ def shard_paths(folder, index):
 
 
 def read_manifest(folder):
+    if not folder:
+        raise InputError("no latent folder given (latents:PATH): the folder python -m scaled.encode wrote")
     path = os.path.join(folder, "manifest.json")
     try:
         with open(path) as f:

@@ -236,6 +236,9 @@ def test_bad_input_gives_one_line_and_keeps_finished_work(tmp_path, vae_folder, 
     assert "'no-such-org/no-such-vae'" in line and "hf download no-such-org/no-such-vae" in line
     assert encode.main(["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in one_error_line(capsys)
+    for folder, message in ((None, "no latent folder given"), (tmp_path / "missing", "holds no manifest.json")):
+        with pytest.raises(InputError, match=message):
+            LatentDataset(folder)
     # A corrupt shard: the dataset says which file, in one line.
     _, latents = encoded
     copy = tmp_path / "copy"
