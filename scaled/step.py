@@ -10,6 +10,8 @@ teacher is `scm_min.TeacherLoss`; the samplers are scm_min's. What this module a
   only) and per-block torch.compile regions, for the forward, the backward and the JVP. The
   block is the unit that sharding will wrap later, and the JVP is computed block by block.
 - `TrainStep`: loss, backward, Adam on the fp32 master weights, forced weight normalization.
+- Label dropout for a guided teacher (`teacher_loss(..., label_dropout)`) and a per-sample
+  guidance scale for a guided student (`scm_loss(..., guidance_range)`): `ConditionedLoss`.
 - `classifier_free_guidance`, `sample_few_step`, `sample_teacher_guided`.
 
 Precision: the nets compute their trunk in `net.dtype` (bf16) with fp32 master weights, and the
