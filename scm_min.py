@@ -1340,9 +1340,10 @@ def cifar_main(argv):
 #----------------------------------------------------------------------------
 # Command line, generated from ToyConfig.
 
-def parse_args(argv=None, config_class=ToyConfig, defaults=None):
-    """config_class from the command line; `defaults` (a preset) replaces the fields' own defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, config_class=ToyConfig, defaults=None, prog=None, description=None):
+    """config_class from the command line; `defaults` (a preset) replaces the fields' own defaults.
+    prog and description: the --help header of another command (default: this file's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")

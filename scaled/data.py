@@ -88,7 +88,15 @@ class CIFAR10:
         return self.images.at(indices, generator), None
 
 
-DATASETS = {"synthetic": synthetic, "cifar10": CIFAR10}
+def latents(path):
+    """SD-VAE latent shards written by `python -m scaled.encode` (scaled/latents.py)."""
+    if not path:
+        raise DataError("--data latents needs the folder of scaled.encode's shards: --data latents:PATH")
+    from scaled.latents import LatentDataset  # its module needs no diffusers; imported only when used
+    return LatentDataset(path)
+
+
+DATASETS = {"synthetic": synthetic, "cifar10": CIFAR10, "latents": latents}
 
 
 def make_dataset(spec):

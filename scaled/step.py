@@ -10,6 +10,8 @@ teacher is `scm_min.TeacherLoss`; the samplers are scm_min's. What this module a
   only) and per-block torch.compile regions, for the forward, the backward and the JVP. The
   block is the unit that sharding will wrap later, and the JVP is computed block by block.
 - `TrainStep`: loss, backward, Adam on the fp32 master weights, forced weight normalization.
+- Label dropout for a guided teacher (`teacher_loss(..., label_dropout)`) and a per-sample
+  guidance scale for a guided student (`scm_loss(..., guidance_range)`): `ConditionedLoss`.
 - `classifier_free_guidance`, `sample_few_step`, `sample_teacher_guided`.
 
 Precision: the nets compute their trunk in `net.dtype` (bf16) with fp32 master weights, and the
@@ -28,6 +30,7 @@ from scm_min import (SIGMA_D, SCMLoss, TeacherLoss, consistency_times, sample_co
                      scm_g, teacher_times)
 
 __all__ = ["forward_ad_jvp", "flops_per_sample", "RecordingJVP", "prepare", "scm_loss", "teacher_loss", "TrainStep",
+           "drop_labels", "sample_guidance", "ConditionedLoss",
            "classifier_free_guidance", "sample_few_step", "sample_teacher_guided"]
 
 # Time proposals of sCM v2's ImageNet 512 runs: consistency model and teacher.
@@ -173,15 +176,57 @@ def flops_per_sample(preset, shape, **overrides):
 
 
 def scm_loss(net, teacher=None, P_mean=IMAGENET512_P["P_mean"], P_std=IMAGENET512_P["P_std"],
-             warmup_steps=10000, tangent_c=0.1, jvp=forward_ad_jvp):
+             warmup_steps=10000, tangent_c=0.1, jvp=forward_ad_jvp, guidance_range=None):
     """scm_min.SCMLoss with `net`'s log-variance head: sCD with a (frozen) teacher, sCT without.
-    Defaults: ImageNet 512's time proposal and the paper's warm-up H = 10k (sCM v2, Sec. 4.2)."""
-    return SCMLoss(teacher, P_mean, P_std, warmup_steps, tangent_c, logvar=net.logvar, jvp=jvp)
+    Defaults: ImageNet 512's time proposal and the paper's warm-up H = 10k (sCM v2, Sec. 4.2).
+    guidance_range (low, high): sCD of a guided teacher (`classifier_free_guidance(teacher_net)`)
+    with the scale w ~ U[low, high] drawn per sample and given to student and teacher alike; sCM's
+    ImageNet-512 students use (1, 2)."""
+    loss = SCMLoss(teacher, P_mean, P_std, warmup_steps, tangent_c, logvar=net.logvar, jvp=jvp)
+    return loss if guidance_range is None else ConditionedLoss(loss, guidance_range=guidance_range)
 
 
-def teacher_loss(net, P_mean=IMAGENET512_TEACHER_P["P_mean"], P_std=IMAGENET512_TEACHER_P["P_std"]):
-    """scm_min.TeacherLoss (the TrigFlow diffusion loss) with `net`'s log-variance head."""
-    return TeacherLoss(P_mean, P_std, logvar=net.logvar)
+def teacher_loss(net, P_mean=IMAGENET512_TEACHER_P["P_mean"], P_std=IMAGENET512_TEACHER_P["P_std"],
+                 label_dropout=0.0):
+    """scm_min.TeacherLoss (the TrigFlow diffusion loss) with `net`'s log-variance head.
+    label_dropout: the fraction of class labels replaced by "no class" (-1), which teaches the
+    unconditional F that classifier-free guidance needs (0.1 for sCM's ImageNet teachers)."""
+    loss = TeacherLoss(P_mean, P_std, logvar=net.logvar)
+    return loss if not label_dropout else ConditionedLoss(loss, label_dropout=label_dropout)
+
+
+def drop_labels(class_labels, p, generator=None):
+    """class_labels [B] with each replaced by -1 ("no class") with probability p (classifier-free
+    guidance's label dropout, Ho & Salimans 2022)."""
+    drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device) < p
+    return torch.where(drop, torch.full_like(class_labels, -1), class_labels)
+
+
+def sample_guidance(n, low=1.0, high=2.0, generator=None, device=None):
+    """Guidance scales w ~ U[low, high], one per sample: the guided student's training input."""
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
+class ConditionedLoss:
+    """A loss `loss(net, x0, step, **cond)` whose conditioning is changed per sample before the call:
+    class labels dropped with probability label_dropout; a guidance scale drawn from
+    U[guidance_range] (replacing any given one). Draws from the global RNG, as the losses do.
+    Other attributes are the wrapped loss's."""
+
+    def __init__(self, loss, label_dropout=0.0, guidance_range=None):
+        self.loss, self.label_dropout, self.guidance_range = loss, label_dropout, guidance_range
+
+    def __getattr__(self, name):
+        if name == "loss":   # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.loss, name)
+
+    def __call__(self, net, x0, step, class_labels=None, **cond):
+        if self.label_dropout and class_labels is not None:
+            class_labels = drop_labels(class_labels, self.label_dropout)
+        if self.guidance_range is not None:
+            cond["guidance"] = sample_guidance(len(x0), *self.guidance_range, device=x0.device).to(x0.dtype)
+        return self.loss(net, x0, step, class_labels=class_labels, **cond)
 
 
 class TrainStep:

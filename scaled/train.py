@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor
 from scaled.data import DataError, DataOrder, derived_seed, make_dataset
 from scaled.networks import PRESETS as NET_PRESETS
 from scaled.networks import make_net, project_weights_
-from scaled.step import (classifier_free_guidance, flops_per_sample, forward_ad_jvp, prepare, scm_loss,
+from scaled.step import (classifier_free_guidance, drop_labels, flops_per_sample, forward_ad_jvp, prepare, scm_loss,
                          teacher_loss)
 from scm_min import InputError, PowerEMA, Progress, option, parse_args, raise_first_failed
 
@@ -413,11 +413,9 @@ class Trainer:
         x0 = x0.to(self.device, PRECISIONS[self.cfg.precision] if self.cfg.precision == "fp64" else torch.float32)
         if labels is None or not self.kwargs["label_dim"]:
             return x0, {}
-        labels = labels.to(self.device)
         if self.cfg.mode == "teacher" and self.cfg.label_dropout:
-            dropped = torch.rand(len(labels), generator=generator) < self.cfg.label_dropout
-            labels = torch.where(dropped.to(self.device), -1, labels)
-        return x0, {"class_labels": labels}
+            labels = drop_labels(labels, self.cfg.label_dropout, generator)
+        return x0, {"class_labels": labels.to(self.device)}
 
     def train_step(self):
         """One iteration; returns its logs (floats). A non-finite loss or gradient on any rank
