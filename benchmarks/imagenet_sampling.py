@@ -22,9 +22,7 @@ Prints a table; writes the JSON after each part.
 """
 
 import argparse
-import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -33,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from scaled_step import environment, time_calls  # noqa: E402
+from scaled_step import cuda_graph, environment, time_calls, timestamped_log, write_json  # noqa: E402
 from scaled.latents import LATENT_MEAN, LATENT_STD, decode_to_pixels  # noqa: E402
 from scaled.networks import freeze, make_net  # noqa: E402
 from scaled.step import sample_few_step  # noqa: E402
@@ -67,20 +65,6 @@ def psnr(image, reference):
     error = (image.double() - reference.double())
     mse = error.pow(2).mean().item()
     return (math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)), int(error.abs().max().item())
-
-
-def cuda_graph(fn, device):
-    """A CUDA graph of fn() (warmed up on a side stream) and its static output."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn()
-    return graph, output
 
 
 def decode_variants(args, device, config, latents, log, variants, reference=None):
@@ -205,11 +189,10 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(message):
-        print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+    log = timestamped_log(start)
 
     def save():
-        out.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(out, results)
 
     import diffusers
     results = dict(environment=dict(environment(device), diffusers=diffusers.__version__), preset=args.preset,

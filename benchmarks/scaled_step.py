@@ -64,6 +64,32 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def timestamped_log(start):
+    """print(message) prefixed with the seconds since `start` (perf_counter), flushed at once."""
+    return lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
+
+def write_json(path, results):
+    """Write results to path atomically: a run stopped at its time limit keeps the last whole file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def cuda_graph(fn, device):
+    """A CUDA graph of fn() (warmed up on a side stream) and its static output."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 def time_calls(fn, device, warmup=2, repeat=5):
     """Median seconds per call of fn() (CUDA events on a GPU), after `warmup` calls."""
     for _ in range(warmup):
@@ -390,15 +416,7 @@ def run_sampling(preset, device, batches):
         sample = functools.partial(sample_few_step, net, z, 2, class_labels=labels)
         row = dict(preset=preset, batch=batch, eager_s=round(time_calls(sample, device, warmup=2, repeat=5)[0], 5))
         if device.type == "cuda":
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    sample()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                graphed_output = sample()
+            graph, graphed_output = cuda_graph(sample, device)
             replay_s, _ = time_calls(graph.replay, device, warmup=3, repeat=20)
             graph.replay()
             eager_output = sample()   # fresh noise in each; compare magnitudes only
@@ -492,13 +510,10 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(message):
-        print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+    log = timestamped_log(start)
 
     def save():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_json(out, results)
 
     def within_budget(what):
         if time.perf_counter() - start < args.time_budget:
