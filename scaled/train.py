@@ -96,7 +96,8 @@ class TrainConfig:
                             "embeddings and loss), fp32, or fp64 (tests)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
     log_every: int = option(10, "a progress line and a metrics.jsonl record every this many iterations")
-    checkpoint_every: int = option(1000, "checkpoint every this many iterations (and at the end)")
+    checkpoint_every: int = option(1000, "checkpoint every this many iterations and at the end (0: never, for "
+                                   "throughput runs)")
     keep_checkpoints: int = option(3, "keep the newest this many checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in OUT (required if OUT has one)")
     export_only: bool = option(False, "with --resume: write OUT/ema.safetensors from the newest checkpoint and stop")
@@ -153,8 +154,8 @@ def validate(cfg):
         (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
         (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
         (cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-        (cfg.log_every >= 1 and cfg.checkpoint_every >= 1 and cfg.keep_checkpoints >= 1,
-         "--log-every, --checkpoint-every and --keep-checkpoints must be at least 1"),
+        (cfg.log_every >= 1 and cfg.keep_checkpoints >= 1 and cfg.checkpoint_every >= 0,
+         "--log-every and --keep-checkpoints must be at least 1, --checkpoint-every at least 0"),
         (cfg.max_skips >= 1 and cfg.threads >= 0, "--max-skips must be at least 1, --threads >= 0"),
         (not cfg.export_only or cfg.resume, "--export-only needs --resume")])
     return net_args
@@ -475,8 +476,8 @@ class Log:
     def truncate_records(self, step):
         """Drop records after `step` (those of a run that was killed after its last checkpoint)."""
         if self.rank == 0 and os.path.exists(self.jsonl):
-            with open(self.jsonl) as file:
-                kept = [line for line in file if json.loads(line)["step"] <= step]
+            with open(self.jsonl) as file:   # a line cut by the kill is dropped too
+                kept = [line for line in file if line.endswith("\n") and json.loads(line)["step"] <= step]
             with open(self.jsonl + ".partial", "w") as file:
                 file.writelines(kept)
             os.replace(self.jsonl + ".partial", self.jsonl)
@@ -572,7 +573,7 @@ def run(cfg, dataset=None):
             if progress is not None:
                 progress.update(trainer.step - 1, **shown)
             window_start, window_steps = time.perf_counter(), 0
-        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+        if cfg.checkpoint_every and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
             start = time.perf_counter()
             trainer.save_checkpoint()
             log.line(f"checkpoint step-{trainer.step:08d} written in {time.perf_counter() - start:.2f} s")
