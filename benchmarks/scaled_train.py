@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -234,7 +235,8 @@ def run_scale(args, work):
                                      "--batch-size", str(batch * gpus), "--steps", str(args.scale_steps),
                                      "--log-every", "2", "--checkpoint-every", "0", "--adam-eps", "1e-11", "--no-export",
                                      "--threads", "4",   # torchrun's workers get 1 by default, one process all
-                                     *(["--activation-checkpointing"] if args.scale_checkpointing else [])],
+                                     *(["--activation-checkpointing"] if args.scale_checkpointing else []),
+                                     *shlex.split(args.scale_args)],
                          gpu_block[0])
         running.append((process, job, out, gpu_block, time.perf_counter()))
         if free is None:
@@ -290,6 +292,7 @@ def main():
     parser.add_argument("--scale-gpus", default="1,2")
     parser.add_argument("--scale-steps", type=int, default=12)
     parser.add_argument("--scale-checkpointing", action="store_true")
+    parser.add_argument("--scale-args", default="", help="more scaled.train flags for the scale runs, e.g. --keep-gathered")
     parser.add_argument("--parallel", action="store_true", help="scale: runs share the machine's GPUs")
     parser.add_argument("--machine-gpus", type=int, default=torch.cuda.device_count(),
                         help="GPUs that --parallel shares out (default: all; on a CPU, how many runs at once)")

@@ -28,6 +28,7 @@ machinery:
 import argparse
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import math
@@ -95,6 +96,9 @@ class TrainConfig:
     precision: str = option("bf16", "bf16 (bf16 trunk through FSDP's mixed precision, fp32 master weights, "
                             "embeddings and loss), fp32, or fp64 (tests)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
+    keep_gathered: bool = option(False, "keep gathered parameters from a forward (the JVP pass, the teacher's) to the "
+                                 "next, resharding only after the backward (FSDP2 reshard_after_forward=False): "
+                                 "fewer all-gathers a step, for each net's bf16 weights held whole on every GPU")
     log_every: int = option(10, "a progress line and a metrics.jsonl record every this many iterations")
     checkpoint_every: int = option(1000, "checkpoint every this many iterations and at the end (0: never, for "
                                    "throughput runs)")
@@ -133,7 +137,8 @@ PRESETS = {
 
 # Fields that may change between a checkpoint and its resumption.
 RESUMABLE_FIELDS = {"preset", "out", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
-                    "export_only", "no_export", "max_skips", "peak_tflops", "threads", "dry_run", "activation_checkpointing"}
+                    "export_only", "no_export", "max_skips", "peak_tflops", "threads", "dry_run", "activation_checkpointing",
+                    "keep_gathered"}
 
 
 def validate(cfg):
@@ -197,20 +202,22 @@ def net_kwargs(cfg, net_args, dataset):
             "dtype": PRECISIONS[cfg.precision]}
 
 
-def parallelize(net, mesh, param_dtype):
+def parallelize(net, mesh, param_dtype, keep_gathered=False):
     """fully_shard each block (bf16 parameters with `param_dtype`, gradients reduced in fp32), the
     embedding-path layers inside blocks and the log-variance head as fp32 units, then the root
-    (embeddings, stem, output layers; fp32). Inputs are never cast: the nets cast their trunk."""
+    (embeddings, stem, output layers; fp32). Inputs are never cast: the nets cast their trunk.
+    keep_gathered: units stay gathered after a forward until a backward reshards them."""
     trunk = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
                                  cast_forward_inputs=False)
     full = MixedPrecisionPolicy(cast_forward_inputs=False)
+    shard = functools.partial(fully_shard, mesh=mesh, reshard_after_forward=not keep_gathered)
     for block in net.regions():
         for module in block.modules():
             if getattr(module, "fp32", False) and module is not block:
-                fully_shard(module, mesh=mesh, mp_policy=full)
-        fully_shard(block, mesh=mesh, mp_policy=trunk)
-    fully_shard(net.logvar, mesh=mesh, mp_policy=full)
-    fully_shard(net, mesh=mesh, mp_policy=full)
+                shard(module, mp_policy=full)
+        shard(block, mp_policy=trunk)
+    shard(net.logvar, mp_policy=full)
+    shard(net, mp_policy=full)
     return net
 
 
@@ -222,7 +229,7 @@ def build_sharded(cfg, kwargs, mesh, device, buffers, trainable=True):
         net = make_net(cfg.net, **kwargs)
     if cfg.precision == "fp64":
         net = net.double()
-    parallelize(net, mesh, torch.bfloat16 if cfg.precision == "bf16" else None)
+    parallelize(net, mesh, torch.bfloat16 if cfg.precision == "bf16" else None, cfg.keep_gathered)
     net.to_empty(device=device)
     with torch.no_grad():
         for name, b in net.named_buffers():

@@ -76,10 +76,11 @@ def reference_nets():
     return student, teacher
 
 
-def sharded_jvp_worker(rank, world_size, port, out):
+def sharded_jvp_worker(rank, world_size, port, out, keep_gathered):
     distributed_env(rank, world_size, port)
     torch.set_num_threads(1)
-    cfg = scaled_train.TrainConfig(net="unet-tiny", precision="fp64", data="synthetic:4,8,8,10")
+    cfg = scaled_train.TrainConfig(net="unet-tiny", precision="fp64", data="synthetic:4,8,8,10",
+                                   keep_gathered=keep_gathered)
     _, _, device = scaled_train.init_distributed()
     mesh = scaled_train.init_device_mesh("cpu", (world_size,))
     kwargs = scaled_train.net_kwargs(cfg, {}, SyntheticLatents((4, 8, 8), 10))
@@ -98,12 +99,13 @@ def sharded_jvp_worker(rank, world_size, port, out):
     scaled_train.dist.destroy_process_group()
 
 
-def test_sharded_jvp_and_gradient_equal_torch_func_jvp_on_the_unsharded_model(tmp_path):
+@pytest.mark.parametrize("keep_gathered", [False, True])
+def test_sharded_jvp_and_gradient_equal_torch_func_jvp_on_the_unsharded_model(tmp_path, keep_gathered):
     """2 gloo processes, float64, FSDP2 per block with activation checkpointing: the tangent of the
     JVP pass (dual tensors through the sharded blocks) and the gradient of the sCD loss (each rank
     half the batch, gradients averaged by FSDP's reduce-scatter) equal torch.func.jvp and autograd
-    on one unsharded model."""
-    mp.spawn(sharded_jvp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    on one unsharded model; also with the parameters kept gathered from the JVP pass to the backward."""
+    mp.spawn(sharded_jvp_worker, args=(2, free_port(), str(tmp_path), keep_gathered), nprocs=2)
     student, teacher = reference_nets()
     loss, (F, tangent) = scd_pieces(*fixed_batch(), student, teacher, torch.func.jvp)
     loss.mean().backward()
