@@ -1347,11 +1347,11 @@ def parse_args(argv=None, config_class=ToyConfig, defaults=None, prog=None, desc
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=field.metadata["help"])
+        default = (defaults or {}).get(field.name, field.default)
+        if field.type in (bool, "bool"):   # --flag and --no-flag, so that a preset's True can be turned off
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=field.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-            default = (defaults or {}).get(field.name, field.default)
             parser.add_argument(flag, type=kind, default=default, help=field.metadata["help"])
     return config_class(**vars(parser.parse_args(argv)))
 

@@ -129,6 +129,24 @@ def cifar_fid(args, base, device):
                                      lambda message: print(message, flush=True))
 
 
+def plot_curves(folders, path):
+    """Loss against images seen of each phase, one line per run: folders {label: run folder with
+    teacher/ and scd/}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, phase in zip(axes, ("teacher", "scd")):
+        for label, folder in folders.items():
+            recs = records(os.path.join(folder, phase))
+            ax.plot([r["images_seen"] / 1000 for r in recs], [r["loss"] for r in recs], label=label, lw=1)
+        ax.set(title=f"CIFAR-10 {phase}", xlabel="thousand images seen", ylabel="loss (adaptive-weighted)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_cifar(args, work):
     result = {}
     for gpus in gpu_counts(args.cifar_gpus):
@@ -148,6 +166,8 @@ def run_cifar(args, work):
             device = torch.device(f"cuda:{args.first_gpu}" if torch.cuda.is_available() else "cpu")
             result[f"{gpus}gpu"]["fid"] = cifar_fid(args, base, device)
             result[f"{gpus}gpu"]["wall_seconds"]["fid"] = time.perf_counter() - started
+    plot_curves({f"{gpus} GPU": os.path.join(work, f"cifar-{gpus}gpu") for gpus in gpu_counts(args.cifar_gpus)},
+                os.path.join(work, "cifar_loss_curves.png"))
     return result
 
 #----------------------------------------------------------------------------

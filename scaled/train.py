@@ -96,7 +96,7 @@ class TrainConfig:
     precision: str = option("bf16", "bf16 (bf16 trunk through FSDP's mixed precision, fp32 master weights, "
                             "embeddings and loss), fp32, or fp64 (tests)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
-    keep_gathered: bool = option(False, "keep gathered parameters from a forward (the JVP pass, the teacher's) to the "
+    keep_gathered: bool = option(True, "keep gathered parameters from a forward (the JVP pass, the teacher's) to the "
                                  "next, resharding only after the backward (FSDP2 reshard_after_forward=False): "
                                  "fewer all-gathers a step, for each net's bf16 weights held whole on every GPU")
     log_every: int = option(10, "a progress line and a metrics.jsonl record every this many iterations")
@@ -498,14 +498,16 @@ def parameter_count(cfg, kwargs):
 def memory_estimate(cfg, kwargs, world_size):
     """GiB per GPU of the training state, sharded over world_size: fp32 master weights, gradients,
     Adam's two moments and the EMA (4 + 4 + 8 + 4 bytes a parameter), the teacher (4), plus the
-    largest block gathered in bf16 twice (FSDP prefetches the next). Activations are not counted."""
+    gathered weights: with keep_gathered the whole student and teacher, else the largest block
+    twice (FSDP prefetches the next). Activations are not counted."""
     with torch.device("meta"):
         net = make_net(cfg.net, **kwargs)
     params = sum(p.numel() for p in net.parameters())
     block = max(sum(p.numel() for p in b.parameters()) for b in net.regions())
     per_param = 4 + 4 + 8 + 4 + (4 if cfg.mode == "scd" else 0)
-    gathered = 2 * block * (2 if cfg.precision == "bf16" else 4)
-    return {"state_gib": params * per_param / world_size / 2 ** 30, "gathered_block_gib": gathered / 2 ** 30}
+    gathered = (params * (2 if cfg.mode == "scd" else 1) if cfg.keep_gathered else 2 * block) \
+        * (2 if cfg.precision == "bf16" else 4)
+    return {"state_gib": params * per_param / world_size / 2 ** 30, "gathered_gib": gathered / 2 ** 30}
 
 
 def step_flops(cfg, kwargs, shape):

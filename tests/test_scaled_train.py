@@ -301,8 +301,18 @@ def test_dry_run_prints_the_config_parameters_and_memory(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["config"]["net"] == "unet-xl" and report["config"]["adam_eps"] == 1e-11
     assert abs(report["parameters"] / 1119e6 - 1) < 0.03
-    # 24 bytes a parameter (weights, gradients, Adam, EMA, teacher) on one GPU.
-    assert abs(report["memory_per_gpu_gib"]["state_gib"] - report["parameters"] * 24 / 2 ** 30) < 0.01
+    # 24 bytes a parameter (weights, gradients, Adam, EMA, teacher) on one GPU; student and teacher
+    # gathered whole in bf16 (keep_gathered, the default).
+    memory = report["memory_per_gpu_gib"]
+    assert abs(memory["state_gib"] - report["parameters"] * 24 / 2 ** 30) < 0.01
+    assert abs(memory["gathered_gib"] - report["parameters"] * 4 / 2 ** 30) < 0.01
+    # A preset's True (activation checkpointing) holds, and --no-FLAG turns a True off.
+    assert report["config"]["activation_checkpointing"] and report["config"]["keep_gathered"]
+    assert scaled_train.main(["--preset", "imagenet512-xl-scd", "--teacher", "t.safetensors", "--dry-run",
+                              "--no-activation-checkpointing", "--no-keep-gathered"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["config"]["activation_checkpointing"] and not report["config"]["keep_gathered"]
+    assert report["memory_per_gpu_gib"]["gathered_gib"] < memory["gathered_gib"] / 5
 
 
 def test_teacher_label_dropout_and_learning_rate_schedule(tmp_path):
