@@ -87,6 +87,9 @@ class TrainConfig:
     label_dropout: float = option(0.1, "teacher: probability that a label is replaced by 'no class' "
                                   "(for classifier-free guidance)")
     guidance: float = option(1.0, "sCD: classifier-free guidance scale of the teacher (1: none)")
+    guidance_range: str = option("", "sCD: LOW,HIGH trains a guidance-input student (sCM v2's ImageNet students: "
+                                 "1,2): each sample's scale w ~ U[LOW, HIGH] guides the teacher and is the "
+                                 "student's input; the student gains a guidance embedding (starting at zero)")
     teacher_P_mean: float = option(-0.4, "teacher time proposal: mean of log sigma (sCM v2, ImageNet 512)")
     teacher_P_std: float = option(1.0, "teacher time proposal: std of log sigma")
     P_mean: float = option(-0.8, "student time proposal: mean of log sigma (sCM v2, ImageNet 512)")
@@ -125,12 +128,14 @@ PRESETS = {
     "cifar10-scd": dict(mode="scd", net="unet-s", net_args='{"channels": 64, "attn_resolutions": [16, 8]}',
                         data="cifar10:data/cifar-10-batches-py", steps=250, batch_size=256, lr=2e-4, lr_warmup=100,
                         P_mean=-1.0, P_std=1.4, warmup_steps=100, adam_eps=1e-11, checkpoint_every=500),
-    # sCM v2's ImageNet-512 sCD recipe on the XL and XXL U-Nets (synthetic latents until the latent
-    # dataset lands): Adam (0.9, 0.99), eps 1e-11, inverse-sqrt decay, P (-0.8, 1.6), H = 10k.
-    "imagenet512-xl-scd": dict(mode="scd", net="unet-xl", data="synthetic", batch_size=2048, lr=1e-4,
+    # sCM v2's ImageNet-512 sCD recipe on the XL and XXL U-Nets (pass --data latents:PATH): Adam
+    # (0.9, 0.99), eps 1e-11, inverse-sqrt decay, P (-0.8, 1.6), H = 10k, w ~ U[1, 2] as the student's input.
+    "imagenet512-xl-scd": dict(mode="scd", guidance_range="1,2",
+                               net="unet-xl", data="synthetic", batch_size=2048, lr=1e-4,
                                lr_ref_steps=2000, adam_eps=1e-11, warmup_steps=10000, steps=200_000,
                                activation_checkpointing=True),
-    "imagenet512-xxl-scd": dict(mode="scd", net="unet-xxl", data="synthetic", batch_size=2048, lr=1e-4,
+    "imagenet512-xxl-scd": dict(mode="scd", guidance_range="1,2",
+                                net="unet-xxl", data="synthetic", batch_size=2048, lr=1e-4,
                                 lr_ref_steps=2000, adam_eps=1e-11, warmup_steps=10000, steps=200_000,
                                 activation_checkpointing=True),
 }
@@ -156,6 +161,8 @@ def validate(cfg):
         (cfg.lr_ref_steps >= 0 and cfg.lr_warmup >= 0, "--lr-ref-steps and --lr-warmup must be >= 0"),
         (0 < cfg.ema_sigma_rel < 0.28, "--ema-sigma-rel must be in (0, 0.28)"),
         (0 <= cfg.label_dropout < 1 and cfg.guidance >= 1, "--label-dropout must be in [0, 1), --guidance >= 1"),
+        (not cfg.guidance_range or (cfg.mode == "scd" and cfg.guidance == 1),
+         "--guidance-range needs --mode scd and no fixed --guidance"),
         (cfg.teacher_P_std > 0 and cfg.P_std > 0, "time proposal standard deviations must be positive"),
         (cfg.warmup_steps >= 0 and cfg.tangent_c > 0, "--warmup-steps must be >= 0 and --tangent-c > 0"),
         (cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
@@ -164,6 +171,19 @@ def validate(cfg):
         (cfg.max_skips >= 1 and cfg.threads >= 0, "--max-skips must be at least 1, --threads >= 0"),
         (not cfg.export_only or cfg.resume, "--export-only needs --resume")])
     return net_args
+
+
+def guidance_range(cfg):
+    """(low, high) of --guidance-range, or None."""
+    if not cfg.guidance_range:
+        return None
+    try:
+        low, high = (float(v) for v in cfg.guidance_range.split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not 1 <= low <= high:
+        raise InputError(f"--guidance-range {cfg.guidance_range!r}: expected LOW,HIGH with 1 <= LOW <= HIGH")
+    return low, high
 
 
 def parse_config(argv):
@@ -195,11 +215,16 @@ def init_distributed():
 
 
 def net_kwargs(cfg, net_args, dataset):
+    """make_net arguments (student, teacher): the teacher's without the guidance embedding that
+    --guidance-range gives the student."""
     C, H, W = dataset.shape
     if H != W:
         raise InputError(f"the networks take square inputs; the data is {C}x{H}x{W}")
-    return {"img_channels": C, "img_resolution": H, "label_dim": dataset.num_classes, **net_args,
-            "dtype": PRECISIONS[cfg.precision]}
+    if guidance_range(cfg) and not dataset.num_classes:
+        raise InputError("--guidance-range needs class labels (classifier-free guidance); this data has none")
+    teacher = {"img_channels": C, "img_resolution": H, "label_dim": dataset.num_classes, **net_args,
+               "dtype": PRECISIONS[cfg.precision]}
+    return {**teacher, "guidance_embedding": True} if guidance_range(cfg) else teacher, teacher
 
 
 def parallelize(net, mesh, param_dtype, keep_gathered=False):
@@ -305,7 +330,8 @@ class Trainer:
         self.dataset = make_dataset(cfg.data) if dataset is None else dataset
         if cfg.batch_size % self.world_size:
             raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {self.world_size} processes")
-        self.kwargs = net_kwargs(cfg, net_args, self.dataset)
+        self.guidance_range = guidance_range(cfg)
+        self.kwargs, self.teacher_kwargs = net_kwargs(cfg, net_args, self.dataset)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPAdaptiveWeight\) returned a view")
         self.checkpoints = checkpoint_dirs(cfg.out)
@@ -320,18 +346,22 @@ class Trainer:
         reference = make_net(cfg.net, **self.kwargs)
         reference = reference.double() if cfg.precision == "fp64" else reference
         buffers = dict(reference.named_buffers())
+        fresh = reference.state_dict() if self.rank == 0 else None
+        teacher_state = fresh
         if cfg.teacher and cfg.teacher != "init":
-            start = read_teacher(cfg.teacher, cfg, self.kwargs)
-        else:
-            start = reference.state_dict() if self.rank == 0 else None
+            teacher_state = read_teacher(cfg.teacher, cfg, self.teacher_kwargs)
+        elif self.guidance_range and self.rank == 0:
+            teacher_state = {k: v for k, v in fresh.items() if k in self.teacher_state_keys()}
         del reference
+        # The student starts as the teacher (a new guidance embedding as initialized: gain 0).
+        start = None if self.rank else {**fresh, **teacher_state}
         self.net = build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers)
         load_full_state(self.net, start)
         self.teacher = None
         if cfg.mode == "scd":
-            self.teacher = build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers, trainable=False)
-            load_full_state(self.teacher, start)
-        del start
+            self.teacher = build_sharded(cfg, self.teacher_kwargs, self.mesh, self.device, buffers, trainable=False)
+            load_full_state(self.teacher, teacher_state)
+        del start, fresh, teacher_state
         self.ema = PowerEMA(self.net, cfg.ema_sigma_rel,
                             average=build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers, trainable=False))
         with torch.no_grad():   # the first update copies; this keeps uninitialized memory out of it
@@ -343,12 +373,16 @@ class Trainer:
             self.loss_fn = teacher_loss(self.net, cfg.teacher_P_mean, cfg.teacher_P_std)
         else:
             teacher = self.teacher
-            if teacher is not None and cfg.guidance != 1:
-                teacher = classifier_free_guidance(teacher, cfg.guidance)
+            if teacher is not None and (cfg.guidance != 1 or self.guidance_range):
+                teacher = classifier_free_guidance(teacher, cfg.guidance)   # the scale: a batch's w if given
             self.loss_fn = scm_loss(self.net, teacher, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c,
-                                    jvp=forward_ad_jvp)
+                                    jvp=forward_ad_jvp, guidance_range=self.guidance_range)
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         self.order = DataOrder(len(self.dataset), cfg.seed, cfg.batch_size, self.rank, self.world_size)
+
+    def teacher_state_keys(self):
+        with torch.device("meta"):
+            return set(make_net(self.cfg.net, **self.teacher_kwargs).state_dict())
 
     # What a checkpoint holds.
     def state_dict(self):
@@ -510,10 +544,11 @@ def memory_estimate(cfg, kwargs, world_size):
     return {"state_gib": params * per_param / world_size / 2 ** 30, "gathered_gib": gathered / 2 ** 30}
 
 
-def step_flops(cfg, kwargs, shape):
-    """Matrix FLOPs per sample of one iteration (scaled.step.flops_per_sample's rule)."""
+def step_flops(cfg, kwargs, shape, guided=False):
+    """Matrix FLOPs per sample of one iteration (scaled.step.flops_per_sample's rule); a guided
+    teacher evaluates its conditional and unconditional F: one forward more."""
     counts = flops_per_sample(cfg.net, shape, **{k: v for k, v in kwargs.items() if k != "dtype"})
-    return {"teacher": counts["teacher_step"], "scd": counts["scd_step"],
+    return {"teacher": counts["teacher_step"], "scd": counts["scd_step"] + (counts["forward"] if guided else 0),
             "sct": counts["scd_step"] - counts["forward"]}[cfg.mode]
 
 
@@ -550,7 +585,8 @@ def run(cfg, dataset=None):
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as file:
             json.dump(dataclasses.asdict(cfg), file, indent=2)
-    flops, peak = step_flops(cfg, trainer.kwargs, trainer.dataset.shape), peak_flops(cfg, device)
+    guided = cfg.mode == "scd" and (cfg.guidance != 1 or trainer.guidance_range is not None)
+    flops, peak = step_flops(cfg, trainer.kwargs, trainer.dataset.shape, guided), peak_flops(cfg, device)
     progress = Progress(cfg.steps, cfg.mode, log.path if rank == 0 else None, first_step=trainer.step,
                         every=cfg.log_every) if rank == 0 else None
     history, window_start, window_steps = [], time.perf_counter(), 0
@@ -603,7 +639,7 @@ class TrainingError(RuntimeError):
 def dry_run(cfg):
     net_args = validate(cfg)
     dataset = make_dataset(cfg.data)
-    kwargs = net_kwargs(cfg, net_args, dataset)
+    kwargs, _ = net_kwargs(cfg, net_args, dataset)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     memory = memory_estimate(cfg, kwargs, world_size)
     print(json.dumps({"config": dataclasses.asdict(cfg), "data": {"shape": dataset.shape, "classes": dataset.num_classes,

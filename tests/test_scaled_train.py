@@ -83,7 +83,7 @@ def sharded_jvp_worker(rank, world_size, port, out, keep_gathered):
                                    keep_gathered=keep_gathered)
     _, _, device = scaled_train.init_distributed()
     mesh = scaled_train.init_device_mesh("cpu", (world_size,))
-    kwargs = scaled_train.net_kwargs(cfg, {}, SyntheticLatents((4, 8, 8), 10))
+    kwargs, _ = scaled_train.net_kwargs(cfg, {}, SyntheticLatents((4, 8, 8), 10))
     student, teacher = reference_nets()
     buffers = dict(student.named_buffers())
     net = scaled_train.build_sharded(cfg, kwargs, mesh, device, buffers)
@@ -364,3 +364,27 @@ def test_gradient_clipping_scales_the_global_norm(tmp_path):
         assert logs["grad_norm"] > 0.05 and norms == pytest.approx([0.01], rel=1e-4)
     finally:
         scaled_train.dist.destroy_process_group()
+
+def test_guidance_range_trains_a_guidance_input_student_from_an_unguided_teacher(tmp_path, capsys):
+    """sCD with --guidance-range: the student (a guidance embedding added, its gain starting at 0)
+    starts as the teacher export and learns to use w; the teacher export has no guidance input."""
+    teacher_out, student_out = tmp_path / "teacher", tmp_path / "student"
+    assert scaled_train.main([*TINY, "--out", str(teacher_out), "--steps", "2"]) == 0
+    teacher_file = str(teacher_out / "ema.safetensors")
+    student = [*TINY, "--mode", "scd", "--teacher", teacher_file, "--steps", "3", "--lr", "1e-2"]
+    assert scaled_train.main([*student, "--guidance-range", "1,2", "--out", str(student_out)]) == 0
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(student_out / "ema.safetensors"), "pt") as file:
+        assert json.loads(file.metadata()["net_kwargs"])["guidance_embedding"] is True
+    exported, teacher = load_file(str(student_out / "ema.safetensors")), load_file(teacher_file)
+    assert set(exported) - set(teacher) and all("guidance" in k for k in set(exported) - set(teacher))
+    assert exported["guidance_gain"].abs().item() > 0     # the scale reached the student: its gain moved
+    # Without classes, with a fixed scale, or outside sCD: one line, exit 2.
+    for args, message in [(["--guidance-range", "2,1"], "1 <= LOW <= HIGH"),
+                          (["--guidance-range", "1,2", "--guidance", "1.5"], "no fixed --guidance"),
+                          (["--guidance-range", "1,2", "--data", "synthetic:4,8,8"], "needs class labels")]:
+        assert scaled_train.main([*student, *args, "--out", str(tmp_path / "bad")]) == 2, args
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert scaled_train.main([*TINY, "--guidance-range", "1,2", "--out", str(tmp_path / "bad")]) == 2
+    assert not os.path.exists(tmp_path / "bad")
