@@ -1099,7 +1099,12 @@ class ImageBatches:
         return (pixels.float() / 255 - self.mean) * self.scale
 
     def to_pixels(self, x):
-        return ((x / self.scale + self.mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        return pixels_from_model_units(x, self.mean, self.scale)
+
+
+def pixels_from_model_units(x, mean, scale):
+    """uint8 pixels of model-unit images, the inverse of x = (pixels / 255 - mean) * scale."""
+    return ((x / scale + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def set_dropout(net, p):

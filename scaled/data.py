@@ -6,7 +6,10 @@ A dataset is an object with
 - `batch(indices, generator) -> (x, labels)`: the samples at `indices` (int64 [B]) as float32
   [B, C, H, W] in model units (data standard deviation SIGMA_D) and their labels, int64 [B], or
   None for an unconditional dataset. All randomness (flips, posterior draws) comes from
-  `generator` (a CPU torch.Generator), so that a batch is a function of the indices and the seed.
+  `generator` (a CPU torch.Generator), so that a batch is a function of the indices and the seed;
+- optionally `pixel_normalization`: (mean, scale) of a dataset of pixels, x = (pixels / 255 - mean)
+  * scale. The trainer exports it with the weights, and scaled.sample then writes the net's output
+  as pixels (no VAE).
 
 `DATASETS` maps a name to a constructor `(path or None) -> dataset`; `make_dataset("NAME[:PATH]")`
 builds one from the command line's `--data`. The trainer owns the order (`DataOrder`): a
@@ -80,6 +83,7 @@ class CIFAR10:
             raise DataError(str(error)) from None
         self.images = ImageBatches(images, torch.device("cpu"))
         self.shape = tuple(images.shape[1:])
+        self.pixel_normalization = (self.images.mean, self.images.scale)
 
     def __len__(self):
         return len(self.images.images)

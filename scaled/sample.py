@@ -1,4 +1,5 @@
-"""Class-conditional ImageNet-512 samples from a trained net: latents -> SD-VAE decoder -> PNGs.
+"""Samples from a trained net as PNGs: class-conditional ImageNet-512 (latents -> SD-VAE decoder),
+or pixels directly for a net trained on pixels (CIFAR-10 through scaled.train).
 
     python -m scaled.sample --preset unet-xxl --weights ema.safetensors --out samples/scd2 \\
         --sampler 2 --n 50000 --npz
@@ -42,7 +43,7 @@ from scaled.latents import DEFAULT_VAE, LATENT_MEAN, LATENT_STD, decode_to_pixel
     read_manifest, shard_is_done
 from scaled.networks import PRESETS, DiT, UNet, freeze, make_net
 from scaled.step import sample_few_step, sample_teacher_guided
-from scm_min import SIGMA_D, InputError, Progress, _atomic_write, option
+from scm_min import SIGMA_D, InputError, Progress, _atomic_write, option, pixels_from_model_units
 from scm_min import parse_args as parse_config
 
 # Guidance scales of sCM v2's ImageNet-512 evaluation: 1 step and 2 steps.
@@ -182,6 +183,18 @@ def normalization(cfg):
     return measured_normalization(records)
 
 
+def pixel_decoder(cfg, metadata, device):
+    """model units [B, C, H, W] -> uint8 [B, H, W, C]: the SD-VAE decoder for latents, or for a net
+    trained on pixels (its export's metadata holds the data's pixel normalization) the inverse of
+    that normalization."""
+    if "pixel_normalization" in metadata:
+        mean, scale = json.loads(metadata["pixel_normalization"])
+        return lambda x: pixels_from_model_units(x.float(), mean, scale).permute(0, 2, 3, 1)
+    mean, std = normalization(cfg)
+    vae = load_vae(cfg.vae, device, getattr(torch, cfg.vae_dtype))
+    return lambda x: decode_to_pixels(vae, x, mean, std)
+
+
 def make_sampler(cfg, net):
     """sampler(z, labels) -> latents in model units."""
     guided = getattr(net, "emb_guidance", None) is not None or getattr(net, "guidance_mlp", None) is not None
@@ -218,14 +231,15 @@ def run(cfg):
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     check_config(cfg, ["weights", "out"], ["n", "batch_size", "decode_batch", "teacher_steps"],
                  dict(sampler=["1", "2", "teacher"], vae_dtype=["float32", "bfloat16", "float16"]))
-    mean, std = normalization(cfg)
-    net, config = net_from_weights(cfg.preset, *load_weights(cfg.weights))
+    state, metadata = load_weights(cfg.weights)
+    net, config = net_from_weights(cfg.preset, state, metadata)
+    del state
+    to_pixels = pixel_decoder(cfg, metadata, device)
     if net.label_dim == 0 and cfg.classes != "all":
         raise InputError("these weights are unconditional: drop --classes")
     labels = class_list(cfg.classes, net.label_dim, cfg.n) if net.label_dim else [-1] * cfg.n
     net = freeze(net.to(device), torch.bfloat16 if device.type == "cuda" else torch.float32)
     sampler = make_sampler(cfg, net)
-    vae = load_vae(cfg.vae, device, getattr(torch, cfg.vae_dtype))
     check_settings(cfg)
     images = os.path.join(cfg.out, "images")
     os.makedirs(images, exist_ok=True)
@@ -244,7 +258,7 @@ def run(cfg):
         z = torch.randn(len(batch), *shape, generator=generator, device=device) * SIGMA_D
         batch_labels = torch.tensor([labels[i] for i in batch], device=device) if net.label_dim else None
         x = sampler(z, batch_labels, generator)
-        pixels = torch.cat([decode_to_pixels(vae, part, mean, std) for part in x.split(cfg.decode_batch)]).cpu().numpy()
+        pixels = torch.cat([to_pixels(part) for part in x.split(cfg.decode_batch)]).cpu().numpy()
         for i, image in zip(batch, pixels):
             save_png(png_paths[i], image)
         done += len(batch)

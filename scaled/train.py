@@ -440,7 +440,10 @@ class Trainer:
         """The EMA weights as one safetensors file (fp32, full tensors) for sampling or as a teacher."""
         full = get_model_state_dict(self.ema.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            write_export(path, full, export_metadata(self.cfg, self.kwargs, self.step))
+            metadata = export_metadata(self.cfg, self.kwargs, self.step)
+            if getattr(self.dataset, "pixel_normalization", None):
+                metadata["pixel_normalization"] = json.dumps(list(self.dataset.pixel_normalization))
+            write_export(path, full, metadata)
         dist.barrier()
 
     # One iteration.

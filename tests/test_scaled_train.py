@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -388,3 +390,30 @@ def test_guidance_range_trains_a_guidance_input_student_from_an_unguided_teacher
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert scaled_train.main([*TINY, "--guidance-range", "1,2", "--out", str(tmp_path / "bad")]) == 2
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_a_net_trained_on_pixels_samples_to_pngs_without_a_vae(tmp_path):
+    """The export of a run on pixel data carries the data's normalization; scaled.sample inverts it
+    (the model's x = (pixels / 255 - mean) * scale) instead of decoding latents with a VAE."""
+    from scaled import sample as scaled_sample
+
+    class Pixels(SyntheticLatents):
+        pixel_normalization = (0.25, 2.0)
+
+    out, samples = tmp_path / "run", tmp_path / "samples"
+    cfg = scaled_train.parse_config([*TINY, "--data", "synthetic:3,8,8", "--steps", "2", "--out", str(out)])
+    try:
+        scaled_train.run(cfg, Pixels((3, 8, 8), 0, length=64))
+    finally:
+        scaled_train.dist.destroy_process_group()
+    weights = str(out / "ema.safetensors")
+    assert json.loads(scaled_sample.load_weights(weights)[1]["pixel_normalization"]) == [0.25, 2.0]
+    argv = ["--weights", weights, "--out", str(samples), "--n", "3", "--sampler", "2", "--device", "cpu",
+            "--vae", str(tmp_path / "no-vae-here")]           # a VAE would fail to load: none is asked for
+    assert scaled_sample.main(argv) == 0
+    images = [np.asarray(PIL.Image.open(samples / "images" / f"{i:06d}.png")) for i in range(3)]
+    assert all(image.shape == (8, 8, 3) and image.dtype == np.uint8 for image in images)
+    # The inverse normalization: model units -> pixels, and back.
+    x = torch.linspace(-0.5, 1.5, 11)       # pixels 0 ... 255
+    pixels = scm_min.pixels_from_model_units(x, 0.25, 2.0)
+    assert torch.allclose((pixels.float() / 255 - 0.25) * 2.0, x, atol=2.0 / 255)
