@@ -108,7 +108,7 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "keep the newest this many checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in OUT (required if OUT has one)")
     export_only: bool = option(False, "with --resume: write OUT/ema.safetensors from the newest checkpoint and stop")
-    no_export: bool = option(False, "do not write OUT/ema.safetensors at the end (throughput runs)")
+    export: bool = option(True, "write OUT/ema.safetensors at the end (--no-export: not, for throughput runs)")
     max_skips: int = option(10, "stop after this many consecutive iterations with a non-finite loss or gradient")
     peak_tflops: float = option(0.0, "the card's dense bf16 TFLOP/s for MFU (0: known cards' data sheet value)")
     threads: int = option(0, "CPU threads per process (0: torch's default)")
@@ -142,7 +142,7 @@ PRESETS = {
 
 # Fields that may change between a checkpoint and its resumption.
 RESUMABLE_FIELDS = {"preset", "out", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
-                    "export_only", "no_export", "max_skips", "peak_tflops", "threads", "dry_run", "activation_checkpointing",
+                    "export_only", "export", "max_skips", "peak_tflops", "threads", "dry_run", "activation_checkpointing",
                     "keep_gathered"}
 
 
@@ -350,8 +350,10 @@ class Trainer:
         teacher_state = fresh
         if cfg.teacher and cfg.teacher != "init":
             teacher_state = read_teacher(cfg.teacher, cfg, self.teacher_kwargs)
-        elif self.guidance_range and self.rank == 0:
-            teacher_state = {k: v for k, v in fresh.items() if k in self.teacher_state_keys()}
+        elif self.guidance_range and self.rank == 0:   # 'init': the student's start less its guidance embedding
+            with torch.device("meta"):
+                teacher_keys = set(make_net(cfg.net, **self.teacher_kwargs).state_dict())
+            teacher_state = {k: v for k, v in fresh.items() if k in teacher_keys}
         del reference
         # The student starts as the teacher (a new guidance embedding as initialized: gain 0).
         start = None if self.rank else {**fresh, **teacher_state}
@@ -379,10 +381,6 @@ class Trainer:
                                     jvp=forward_ad_jvp, guidance_range=self.guidance_range)
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         self.order = DataOrder(len(self.dataset), cfg.seed, cfg.batch_size, self.rank, self.world_size)
-
-    def teacher_state_keys(self):
-        with torch.device("meta"):
-            return set(make_net(self.cfg.net, **self.teacher_kwargs).state_dict())
 
     # What a checkpoint holds.
     def state_dict(self):
@@ -628,10 +626,10 @@ def run(cfg, dataset=None):
             window_start, window_steps = time.perf_counter(), 0   # images/s leaves the checkpoint out
     if progress is not None:
         progress.close()
-    if not cfg.no_export:
+    if cfg.export:
         trainer.export_ema(os.path.join(cfg.out, "ema.safetensors"))
     log.line(f"done: {trainer.step} iterations, {trainer.skipped} skipped"
-             + ("" if cfg.no_export else f"; EMA -> {os.path.join(cfg.out, 'ema.safetensors')}"))
+             + (f"; EMA -> {os.path.join(cfg.out, 'ema.safetensors')}" if cfg.export else ""))
     return history
 
 

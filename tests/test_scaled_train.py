@@ -317,6 +317,14 @@ def test_dry_run_prints_the_config_parameters_and_memory(capsys):
     assert report["memory_per_gpu_gib"]["gathered_gib"] < memory["gathered_gib"] / 5
 
 
+def test_boolean_flags_and_their_negations(tmp_path):
+    # Every boolean option has --FLAG and --no-FLAG; --no-export (of the option `export`) writes no EMA file.
+    assert scaled_train.main([*TINY, "--steps", "1", "--no-export", "--out", str(tmp_path / "a")]) == 0
+    assert os.path.exists(tmp_path / "a" / "train.log") and not os.path.exists(tmp_path / "a" / "ema.safetensors")
+    assert scaled_train.main([*TINY, "--steps", "1", "--out", str(tmp_path / "b")]) == 0
+    assert os.path.exists(tmp_path / "b" / "ema.safetensors")
+
+
 def test_teacher_label_dropout_and_learning_rate_schedule(tmp_path):
     cfg = scaled_train.parse_config([*TINY, "--out", str(tmp_path), "--label-dropout", "0.5", "--lr-ref-steps", "4",
                                      "--lr-warmup", "2", "--batch-size", "400"])
