@@ -1174,6 +1174,11 @@ def fid_reference_path(cfg):
     return cfg.fid_reference or os.path.join(cfg.out, "fid_reference.npz")
 
 
+def fid_reference_key(images):
+    """What the reference statistics of uint8 images describe: their count and checksum."""
+    return f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
+
+
 def cached_fid_reference(cfg, key):
     """(mu, sigma, key) of the cached Inception statistics if they describe `key` (the training
     images), else None; InputError if the file that --fid-reference names describes other images."""
@@ -1225,7 +1230,7 @@ def run_cifar(cfg):
     inception = fid.load_inception(cfg.inception or None, device) if cfg.fid_samples else None
     reference = None  # the Inception statistics of the training images, cached or computed
     if inception is not None:
-        reference_key = f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
+        reference_key = fid_reference_key(images)
         reference = cached_fid_reference(cfg, reference_key)
     meta = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLING_FIELDS}
     metas = {"teacher": {k: v for k, v in meta.items() if k not in STUDENT_FIELDS}, "scd": meta, "sct": meta}

@@ -24,7 +24,6 @@ Runs (--runs, comma-separated):
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -98,7 +97,8 @@ def fid_reference(args, images, inception):
     """(mu, sigma, description) of the training images: --fid-reference if it describes them (the
     key scm_min's CIFAR-10 job writes), else computed."""
     from image_data import fid
-    key = f"{len(images)} training images (uint8 SHA-1 {hashlib.sha1(images.tobytes()).hexdigest()})"
+    from scm_min import fid_reference_key
+    key = fid_reference_key(images)
     if args.fid_reference and os.path.exists(args.fid_reference):
         mu, sigma, description = fid.load_statistics(args.fid_reference)
         if description == key:
@@ -224,8 +224,9 @@ def run_scale(args, work):
         for gpus in gpu_counts(args.scale_gpus):
             jobs.append((gpus, net, int(batch or 64)))
     jobs.sort(key=lambda job: job[0])
-    free = list(range(args.first_gpu, args.machine_gpus)) if args.parallel else None
-    running, result = [], {}
+    # One after another: the GPUs from --first-gpu that the largest run needs; in parallel: the machine's.
+    last = args.machine_gpus if args.parallel else args.first_gpu + max(job[0] for job in jobs)
+    free, running, result = list(range(args.first_gpu, last)), [], {}
 
     def finish(entry):
         process, (gpus, net, batch), out, gpu_block, started = entry
@@ -235,21 +236,18 @@ def run_scale(args, work):
         else:   # an OOM at one size keeps the others
             with open(os.path.join(out, "stdout.txt")) as file:
                 result.setdefault(net, {})[f"{gpus}gpu"] = {"error": file.read()[-1500:]}
-        if free is not None:
-            free.extend(gpu_block)
-            free.sort()
+        free.extend(gpu_block)
+        free.sort()
 
     for job in jobs:
         gpus, net, batch = job
-        while running and (free is None or len(free) < gpus):
+        while running and (len(free) < gpus or not args.parallel):
             for entry in list(running):
                 if entry[0].poll() is not None:
                     running.remove(entry)
                     finish(entry)
             time.sleep(0.5)
-        gpu_block = free[:gpus] if free is not None else list(range(args.first_gpu, args.first_gpu + gpus))
-        if free is not None:
-            del free[:gpus]
+        gpu_block, free[:gpus] = free[:gpus], []
         out = os.path.join(work, f"scale-{net}-{gpus}gpu")
         process = launch(out, gpus, ["--mode", "scd", "--teacher", "init", "--net", net, "--data", "synthetic",
                                      "--batch-size", str(batch * gpus), "--steps", str(args.scale_steps),
@@ -257,10 +255,8 @@ def run_scale(args, work):
                                      "--threads", "4",   # torchrun's workers get 1 by default, one process all
                                      *(["--activation-checkpointing"] if args.scale_checkpointing else []),
                                      *shlex.split(args.scale_args)],
-                         gpu_block[0])
+                         gpu_block[0] if gpu_block else args.first_gpu)
         running.append((process, job, out, gpu_block, time.perf_counter()))
-        if free is None:
-            process.wait()
     for entry in running:
         entry[0].wait()
         finish(entry)

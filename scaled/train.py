@@ -220,11 +220,12 @@ def net_kwargs(cfg, net_args, dataset):
     C, H, W = dataset.shape
     if H != W:
         raise InputError(f"the networks take square inputs; the data is {C}x{H}x{W}")
-    if guidance_range(cfg) and not dataset.num_classes:
+    guided_student = guidance_range(cfg) is not None
+    if guided_student and not dataset.num_classes:
         raise InputError("--guidance-range needs class labels (classifier-free guidance); this data has none")
     teacher = {"img_channels": C, "img_resolution": H, "label_dim": dataset.num_classes, **net_args,
                "dtype": PRECISIONS[cfg.precision]}
-    return {**teacher, "guidance_embedding": True} if guidance_range(cfg) else teacher, teacher
+    return {**teacher, "guidance_embedding": True} if guided_student else teacher, teacher
 
 
 def parallelize(net, mesh, param_dtype, keep_gathered=False):
@@ -360,6 +361,8 @@ class Trainer:
         self.net = build_sharded(cfg, self.kwargs, self.mesh, self.device, buffers)
         load_full_state(self.net, start)
         self.teacher = None
+        # sCD of the teacher's classifier-free guidance: at one scale, or at each sample's w.
+        self.guided_teacher = cfg.mode == "scd" and (cfg.guidance != 1 or self.guidance_range is not None)
         if cfg.mode == "scd":
             self.teacher = build_sharded(cfg, self.teacher_kwargs, self.mesh, self.device, buffers, trainable=False)
             load_full_state(self.teacher, teacher_state)
@@ -375,7 +378,7 @@ class Trainer:
             self.loss_fn = teacher_loss(self.net, cfg.teacher_P_mean, cfg.teacher_P_std)
         else:
             teacher = self.teacher
-            if teacher is not None and (cfg.guidance != 1 or self.guidance_range):
+            if self.guided_teacher:
                 teacher = classifier_free_guidance(teacher, cfg.guidance)   # the scale: a batch's w if given
             self.loss_fn = scm_loss(self.net, teacher, cfg.P_mean, cfg.P_std, cfg.warmup_steps, cfg.tangent_c,
                                     jvp=forward_ad_jvp, guidance_range=self.guidance_range)
@@ -586,8 +589,8 @@ def run(cfg, dataset=None):
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as file:
             json.dump(dataclasses.asdict(cfg), file, indent=2)
-    guided = cfg.mode == "scd" and (cfg.guidance != 1 or trainer.guidance_range is not None)
-    flops, peak = step_flops(cfg, trainer.kwargs, trainer.dataset.shape, guided), peak_flops(cfg, device)
+    flops = step_flops(cfg, trainer.kwargs, trainer.dataset.shape, trainer.guided_teacher)
+    peak = peak_flops(cfg, device)
     progress = Progress(cfg.steps, cfg.mode, log.path if rank == 0 else None, first_step=trainer.step,
                         every=cfg.log_every) if rank == 0 else None
     history, window_start, window_steps = [], time.perf_counter(), 0
