@@ -35,6 +35,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU machines without Triton use the math path.
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: pointer loads only
+    TensorDescriptor = None
 
 __all__ = ["attention", "attention_math", "attention_jvp_triton", "kernel_supported"]
 
@@ -105,12 +109,20 @@ if triton is not None:
             tl.store(ptrs, tile.to(ptr.dtype.element_ty))
 
     @triton.jit
-    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, alpha, delta, V, TV, offs_n, offs_d, svn, stvn, Lk, D,
-                    MASK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    def _key_tile(ptr, desc, b, h, start_n, offs_n, col, offs_d, row_stride, Lk, D,
+                  MASK_N: tl.constexpr, MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
+        """Rows start_n + [0, BLOCK_N) and columns col + [0, WIDTH) of a key-side tensor (k, t_k,
+        v, t_v) of head (b, h), zero past Lk and D: by TMA where the host made a descriptor."""
+        if desc is None:
+            tile = _load_tile(ptr, offs_n, offs_d, row_stride, Lk, D, MASK_N, MASK_D)
+        else:
+            tile = desc.load([b, h, start_n, col]).reshape(BLOCK_N, WIDTH)
+        return tile
+
+    @triton.jit
+    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, alpha, delta, v, t_v, INPUT_PRECISION: tl.constexpr):
         """One head-dim chunk: acc_o += p~ v and acc_t += p~ t_v + p~ (t_s - c) v, after the
         rescale by alpha and the move of c by delta."""
-        v = _load_tile(V, offs_n, offs_d, svn, Lk, D, MASK_N, MASK_D)        # [BLOCK_N, chunk]
-        t_v = _load_tile(TV, offs_n, offs_d, stvn, Lk, D, MASK_N, MASK_D)
         acc_t = (acc_t - delta[:, None] * acc_o) * alpha[:, None]
         acc_o = tl.dot(p_lo, v, acc_o * alpha[:, None], input_precision=INPUT_PRECISION)
         acc_t = tl.dot(p_lo, t_v, acc_t, input_precision=INPUT_PRECISION)
@@ -119,7 +131,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_jvp_kernel(
-        Q, K, V, TQ, TK, TV, O, TO,
+        Q, K, V, TQ, TK, TV, O, TO, KD0, TKD0, VD0, TVD0, KD1, TKD1, VD1, TVD1,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
         stqb, stqh, stqm, stkb, stkh, stkn, stvb, stvh, stvn,
         sob, soh, som, stob, stoh, stom,
@@ -127,6 +139,7 @@ if triton is not None:
         D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
         MASK_D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_M: tl.constexpr, MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        VALUE_SUMS: tl.constexpr,
     ):
         # The head dim is a power-of-two chunk D0 plus, if D0 < D, a power-of-two tail D1 padded
         # with zeros (72 = 64 + 8 -> 16): each matrix product is one dot per chunk.
@@ -138,8 +151,10 @@ if triton is not None:
         num_m = tl.cdiv(Lq, BLOCK_M)
         pid_m = tl.program_id(0) % num_m
         pid_bh = tl.program_id(0) // num_m
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        b32 = pid_bh // H
+        h32 = pid_bh % H
+        b = b32.to(tl.int64)
+        h = h32.to(tl.int64)
         Q += (b * sqb + h * sqh) * ALIGN
         K += (b * skb + h * skh) * ALIGN
         V += (b * svb + h * svh) * ALIGN
@@ -169,18 +184,21 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
+        if VALUE_SUMS:
+            lr_i = tl.zeros([BLOCK_M], tl.float32)                # sum of the rounded p~
+            r_i = tl.zeros([BLOCK_M], tl.float32)                 # sum of the rounded p~ (t_s - c)
 
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
-            k0 = _load_tile(K, offs_n, offs_d0, skn, Lk, D, MASK_N, MASK_D0)     # [BLOCK_N, D0]
-            tk0 = _load_tile(TK, offs_n, offs_d0, stkn, Lk, D, MASK_N, MASK_D0)
+            k0 = _key_tile(K, KD0, b32, h32, start_n, offs_n, 0, offs_d0, skn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+            tk0 = _key_tile(TK, TKD0, b32, h32, start_n, offs_n, 0, offs_d0, stkn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
             kT0 = tl.trans(k0)
             s = tl.dot(q0, kT0, input_precision=INPUT_PRECISION)                # q k^T, [BLOCK_M, BLOCK_N]
             t_s = tl.dot(tq0, kT0, input_precision=INPUT_PRECISION)             # t_q k^T + q t_k^T
             t_s = tl.dot(q0, tl.trans(tk0), t_s, input_precision=INPUT_PRECISION)
             if D1 > 0:
-                k1 = _load_tile(K, offs_n, offs_d1, skn, Lk, D, MASK_N, MASK_D1)
-                tk1 = _load_tile(TK, offs_n, offs_d1, stkn, Lk, D, MASK_N, MASK_D1)
+                k1 = _key_tile(K, KD1, b32, h32, start_n, offs_n, D0, offs_d1, skn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
+                tk1 = _key_tile(TK, TKD1, b32, h32, start_n, offs_n, D0, offs_d1, stkn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
                 kT1 = tl.trans(k1)
                 s = tl.dot(q1, kT1, s, input_precision=INPUT_PRECISION)
                 t_s = tl.dot(tq1, kT1, t_s, input_precision=INPUT_PRECISION)
@@ -195,23 +213,35 @@ if triton is not None:
             delta = tl.sum(p_ts, 1) / l_new                                   # c_new - c_old: the new p-weighted mean
             p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
+            if VALUE_SUMS:  # what acc_o and acc_t would hold for v = 1, t_v = 0
+                r_i = (r_i - delta * lr_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
+                lr_i = lr_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
             c_i += delta
             l_i = l_new
             m_i = m_new
-            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, V, TV, offs_n, offs_d0,
-                                         svn, stvn, Lk, D, MASK_N, MASK_D0, INPUT_PRECISION)
+            v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+            t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, v0, t_v0, INPUT_PRECISION)
             if D1 > 0:
-                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, V, TV, offs_n,
-                                             offs_d1, svn, stvn, Lk, D, MASK_N, MASK_D1, INPUT_PRECISION)
+                v1 = _key_tile(V, VD1, b32, h32, start_n, offs_n, D0, offs_d1, svn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
+                t_v1 = _key_tile(TV, TVD1, b32, h32, start_n, offs_n, D0, offs_d1, stvn, Lk, D, MASK_N, MASK_D1,
+                                 BLOCK_N, D1)
+                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1, INPUT_PRECISION)
 
-        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term.
+        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term; but the 16-bit
+        # p~ (t_s - c) that entered the products sum to r, not 0, which adds r o to acc_t.
         o0 = acc_o0 / l_i[:, None]
         t_o0 = acc_t0 / l_i[:, None]
+        if VALUE_SUMS:
+            r_i = r_i / l_i
+            t_o0 -= r_i[:, None] * o0
         _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
         _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
         if D1 > 0:
             o1 = acc_o1 / l_i[:, None]
             t_o1 = acc_t1 / l_i[:, None]
+            if VALUE_SUMS:
+                t_o1 -= r_i[:, None] * o1
             _store_tile(O, o1, offs_m, offs_d1, som, Lq, D, MASK_M, MASK_D1)
             _store_tile(TO, t_o1, offs_m, offs_d1, stom, Lq, D, MASK_M, MASK_D1)
 
@@ -263,11 +293,12 @@ for _arch in ("sm80", "sm90"):  # float32 (slow in any case: 2x the bytes, tf32 
 
 def shared_memory_estimate(config, Dp, elem_bytes):
     """Bytes of shared memory a configuration needs: num_stages buffers of the four key-side
-    tiles (k, t_k, v, t_v) plus q and t_q. What Triton 3.6 reports for the compiled kernel on
-    sm90, an upper bound on sm80 (benchmarks/attention_jvp.py --configs and --sweep), except
-    BLOCK_M = 64 with 8 warps, 4 KB more on sm90: no table entry has that."""
+    tiles (k, t_k, v, t_v) plus q and t_q, plus 1 KB for the barriers of TMA loads. Triton 3.6
+    reports the tiles' bytes for the compiled kernel on sm90 (and 56-64 more with TMA), fewer on
+    sm80 (benchmarks/attention_jvp.py --configs and --sweep), except BLOCK_M = 64 with 8 warps,
+    4 KB more on sm90: no table entry has that."""
     BLOCK_M, BLOCK_N, _, num_stages = config
-    return (4 * num_stages * BLOCK_N + 2 * BLOCK_M) * Dp * elem_bytes
+    return (4 * num_stages * BLOCK_N + 2 * BLOCK_M) * Dp * elem_bytes + 1024
 
 
 def device_arch(device):
@@ -312,12 +343,13 @@ def first_that_launches(candidates, case, launch):
     raise RuntimeError(f"no attention JVP configuration compiles for {case}")
 
 
-def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
+def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None):
     """(o, t_o) of softmax(q k^T / sqrt(D)) v along (t_q, t_k, t_v), one Triton pass.
 
     Tensors [B, H, L, D] of one dtype on one device, any strides with a unit last stride;
     a tangent may be None (zero). `out` optionally gives the (o, t_o) tensors to write;
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the device's table.
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the device's table;
+    `tma` forces TMA loads of k, t_k, v, t_v on or off (default: where `tma_usable`).
     CPU tensors run in Triton's interpreter.
     """
     B, H, Lq, D = q.shape
@@ -330,7 +362,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None):
                               for x in (q, k, v, t_q, t_k, t_v))
     if out is None:
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
-    launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config)
+    launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config, tma)
     if config is not None:
         launch(config)
     elif not q.is_cuda:  # the interpreter runs any configuration
@@ -347,13 +379,32 @@ def _first_candidate(index, dtype, D):
     return config_candidates(*_device_arch(index), D, dtype)[0]
 
 
-def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config):
-    """Launches the kernel; returns Triton's compiled kernel (None in the interpreter)."""
+def tma_usable(*xs):
+    """Whether the key-side tensors can be read by TMA (Hopper and later): descriptors need
+    16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads."""
+    return (TensorDescriptor is not None and xs[0].is_cuda and not torch.compiler.is_compiling()
+            and torch.cuda.get_device_capability(xs[0].device)[0] >= 9
+            and all(x.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3])
+                    for x in xs))
+
+
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=True):
+    """Launches the kernel; returns Triton's compiled kernel (None in the interpreter).
+    tma: read k, t_k, v, t_v through TMA descriptors (default: where `tma_usable`)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     BLOCK_M, BLOCK_N, num_warps, num_stages = config
     D0, D1 = head_dim_split(D)
     interpret = not q.is_cuda
+    if tma is None:
+        tma = tma_usable(k, t_k, v, t_v)
+    descriptors = [None] * 8
+    if tma:
+        descriptors[:4] = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, BLOCK_N, D0])
+                           for x in (k, t_k, v, t_v)]
+        if D1 > 0:
+            descriptors[4:] = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, BLOCK_N, D1])
+                               for x in (k, t_k, v, t_v)]
     if q.dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpret else "ieee"
     else:
@@ -365,10 +416,10 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config):
             align //= 2
     grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
     return _attention_jvp_kernel[grid](
-        q, k, v, t_q, t_k, t_v, o, t_o, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
+        q, k, v, t_q, t_k, t_v, o, t_o, *descriptors, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
-        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        INPUT_PRECISION=precision, VALUE_SUMS=value_sums, num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):
