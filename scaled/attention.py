@@ -184,9 +184,13 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        if VALUE_SUMS:
+        if VALUE_SUMS == 1:
             lr_i = tl.zeros([BLOCK_M], tl.float32)                # sum of the rounded p~
             r_i = tl.zeros([BLOCK_M], tl.float32)                 # sum of the rounded p~ (t_s - c)
+        if VALUE_SUMS == 2:
+            ones = tl.full([BLOCK_N, 16], 1.0, dtype)
+            acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
+            acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
 
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
@@ -213,9 +217,13 @@ if triton is not None:
             delta = tl.sum(p_ts, 1) / l_new                                   # c_new - c_old: the new p-weighted mean
             p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
-            if VALUE_SUMS:  # what acc_o and acc_t would hold for v = 1, t_v = 0
+            if VALUE_SUMS == 1:  # what acc_o and acc_t would hold for v = 1, t_v = 0
                 r_i = (r_i - delta * lr_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
                 lr_i = lr_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
+            if VALUE_SUMS == 2:
+                acc_r = (acc_r - delta[:, None] * acc_lr) * alpha[:, None]
+                acc_lr = tl.dot(p_lo, ones, acc_lr * alpha[:, None], input_precision=INPUT_PRECISION)
+                acc_r = tl.dot(p_ts_lo, ones, acc_r, input_precision=INPUT_PRECISION)
             c_i += delta
             l_i = l_new
             m_i = m_new
@@ -232,6 +240,8 @@ if triton is not None:
         # p~ (t_s - c) that entered the products sum to r, not 0, which adds r o to acc_t.
         o0 = acc_o0 / l_i[:, None]
         t_o0 = acc_t0 / l_i[:, None]
+        if VALUE_SUMS == 2:
+            r_i = tl.sum(acc_r, 1) / 16
         if VALUE_SUMS:
             r_i = r_i / l_i
             t_o0 -= r_i[:, None] * o0
@@ -388,7 +398,7 @@ def tma_usable(*xs):
                     for x in xs))
 
 
-def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=True):
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=2):
     """Launches the kernel; returns Triton's compiled kernel (None in the interpreter).
     tma: read k, t_k, v, t_v through TMA descriptors (default: where `tma_usable`)."""
     B, H, Lq, D = q.shape
@@ -419,7 +429,7 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=True):
         q, k, v, t_q, t_k, t_v, o, t_o, *descriptors, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
-        INPUT_PRECISION=precision, VALUE_SUMS=value_sums, num_warps=num_warps, num_stages=num_stages)
+        INPUT_PRECISION=precision, VALUE_SUMS=int(value_sums), num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):
