@@ -286,8 +286,7 @@ def accuracy(args):
 EXTRA_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2),
                  (128, 32, 8, 4), (64, 64, 4, 3)]
 # Kernel variants the sweep times beside the default (TMA where usable, value sums on).
-VARIANTS = [dict(tma=True, value_sums=2), dict(tma=False, value_sums=2),
-            dict(tma=True, value_sums=0), dict(tma=False, value_sums=0)]
+VARIANTS = [dict(tma=tma, value_sums=vs) for vs in (5, 4, 2, 0) for tma in (True, False)]
 
 
 def sweep_variants():

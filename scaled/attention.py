@@ -184,10 +184,10 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        if VALUE_SUMS == 1:
+        if VALUE_SUMS == 1 or VALUE_SUMS == 5:
             lr_i = tl.zeros([BLOCK_M], tl.float32)                # sum of the rounded p~
             r_i = tl.zeros([BLOCK_M], tl.float32)                 # sum of the rounded p~ (t_s - c)
-        if VALUE_SUMS == 2:
+        if VALUE_SUMS >= 2 and VALUE_SUMS <= 4:
             ones = tl.full([BLOCK_N, 16], 1.0, dtype)
             acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
             acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
@@ -212,10 +212,13 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])                        # p~ = exp(s - m); 0 on masked columns
-            l_new = l_i * alpha + tl.sum(p, 1)
+            p_lo = p.to(dtype)
+            if VALUE_SUMS >= 4:
+                l_new = l_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
+            else:
+                l_new = l_i * alpha + tl.sum(p, 1)
             p_ts = p * (t_s * scale - c_i[:, None])                           # p~ (t_s - c_old)
             delta = tl.sum(p_ts, 1) / l_new                                   # c_new - c_old: the new p-weighted mean
-            p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
             if VALUE_SUMS == 1:  # what acc_o and acc_t would hold for v = 1, t_v = 0
                 r_i = (r_i - delta * lr_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
@@ -223,6 +226,11 @@ if triton is not None:
             if VALUE_SUMS == 2:
                 acc_r = (acc_r - delta[:, None] * acc_lr) * alpha[:, None]
                 acc_lr = tl.dot(p_lo, ones, acc_lr * alpha[:, None], input_precision=INPUT_PRECISION)
+                acc_r = tl.dot(p_ts_lo, ones, acc_r, input_precision=INPUT_PRECISION)
+            if VALUE_SUMS == 5:
+                r_i = (r_i - delta * l_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
+            if VALUE_SUMS == 3 or VALUE_SUMS == 4:  # l for the sum of the rounded p~
+                acc_r = (acc_r - (delta * l_i)[:, None]) * alpha[:, None]
                 acc_r = tl.dot(p_ts_lo, ones, acc_r, input_precision=INPUT_PRECISION)
             c_i += delta
             l_i = l_new
@@ -240,7 +248,7 @@ if triton is not None:
         # p~ (t_s - c) that entered the products sum to r, not 0, which adds r o to acc_t.
         o0 = acc_o0 / l_i[:, None]
         t_o0 = acc_t0 / l_i[:, None]
-        if VALUE_SUMS == 2:
+        if VALUE_SUMS >= 2 and VALUE_SUMS <= 4:
             r_i = tl.sum(acc_r, 1) / 16
         if VALUE_SUMS:
             r_i = r_i / l_i
