@@ -286,13 +286,19 @@ def accuracy(args):
 EXTRA_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2),
                  (128, 32, 8, 4), (64, 64, 4, 3)]
 # Kernel variants the sweep times beside the default (TMA where usable, value sums on).
-VARIANTS = [dict(tma=tma, value_sums=vs) for vs in (5, 4, 2, 0) for tma in (True, False)]
+VARIANTS = [dict(tma=True, value_sums=True, lazy_rescale=True), dict(tma=False, value_sums=True, lazy_rescale=True),
+            dict(tma=True, value_sums=False, lazy_rescale=True), dict(tma=False, value_sums=False, lazy_rescale=True),
+            dict(tma=True, value_sums=True, lazy_rescale=False), dict(tma=False, value_sums=False, lazy_rescale=False),
+            dict(tma=True, value_sums=True, lazy_rescale=True, pipeline=True)]
 
 
 def sweep_variants():
     """The variants this GPU can run: TMA needs Hopper or later."""
     has_tma = A.TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
     return [v for v in VARIANTS if has_tma or not v["tma"]]
+
+
+SWEEP_SM80 = True  # --no-sm80: leave out the A100 table's configurations
 
 
 def sweep_cases(dims, extra_dims):
@@ -302,7 +308,8 @@ def sweep_cases(dims, extra_dims):
     for D in dims:
         Dp = sum(A.head_dim_split(D))
         extra = EXTRA_CONFIGS if D in extra_dims else []
-        configs = [c for c in A.CONFIGS["sm90", 2][Dp][:-1] + A.CONFIGS["sm80", 2][Dp][:-1] + extra
+        sm80 = A.CONFIGS["sm80", 2][Dp][:-1] if SWEEP_SM80 else []
+        configs = [c for c in A.CONFIGS["sm90", 2][Dp][:-1] + sm80 + extra
                    if A.shared_memory_estimate(c, Dp, 2) <= A.SHARED_MEMORY_LIMIT["sm90"]]
         cases += [(D, c) for c in dict.fromkeys(configs)]
     return cases
@@ -352,7 +359,7 @@ def sweep(args):
                        max_t_o=t_o_ref.float().abs().max().item())
             results.append(res)
             print(f"{env['card']} D={D} L={L} B={B} {config} tma={variant['tma']:d} "
-                  f"value_sums={variant['value_sums']:d}: {ms:.3f} ms "
+                  f"{' '.join(f'{k}={v:d}' for k, v in variant.items() if k != 'tma')}: {ms:.3f} ms "
                   f"({ms / base:.2f}x cuDNN fwd {base:.3f} ms), JVP {res['jvp_tflops']:.0f} TFLOP/s, "
                   f"shared {res['shared']} (estimate {res['estimate']}), regs {res['regs']} spills "
                   f"{res['spills']}, max|diff| o {res['max_diff_o']:.1e} t_o {res['max_diff_t_o']:.1e}"
@@ -402,7 +409,7 @@ def compile_for(capability, D, config, L=4096, H=16):
     divisible_by_16 = make_backend(target).parse_attr("D")
     constants = dict(D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align, BLOCK_M=BLOCK_M,
                      BLOCK_N=BLOCK_N, MASK_M=L % BLOCK_M != 0, MASK_N=L % BLOCK_N != 0,
-                     INPUT_PRECISION="tf32", VALUE_SUMS=True)
+                     INPUT_PRECISION="tf32", VALUE_SUMS=True, PIPELINE=False, LAZY_RESCALE=True)
     strides = {"b": H * L * D // align, "h": L * D // align, "m": D // align, "n": D // align}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -513,7 +520,9 @@ if __name__ == "__main__":
     mode.add_argument("--sweep", action="store_true", help="time block configurations instead")
     mode.add_argument("--configs", action="store_true", help="compile the tables for sm80 and sm90")
     mode.add_argument("--precompile", action="store_true", help="fill Triton's cache in parallel")
+    p.add_argument("--no-sm80", action="store_true", help="--sweep, --precompile: without the A100 table")
     args = p.parse_args()
+    SWEEP_SM80 = not args.no_sm80
     if args.best_from:
         use_fastest(args.best_from, args.dims)
     {"accuracy": accuracy, "sweep": sweep, "configs": configs, "precompile": precompile}.get(

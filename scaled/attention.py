@@ -120,12 +120,38 @@ if triton is not None:
         return tile
 
     @triton.jit
-    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, alpha, delta, v, t_v, INPUT_PRECISION: tl.constexpr):
+    def _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32, start_n, offs_n0, offs_d0, offs_d1,
+                skn, stkn, Lk, D, D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr,
+                MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, BLOCK_N: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+        """s = q k^T and t_s = t_q k^T + q t_k^T (unscaled) of the key block at start_n; s is
+        -inf past Lk."""
+        offs_n = start_n + offs_n0
+        k0 = _key_tile(K, KD0, b32, h32, start_n, offs_n, 0, offs_d0, skn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+        tk0 = _key_tile(TK, TKD0, b32, h32, start_n, offs_n, 0, offs_d0, stkn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+        kT0 = tl.trans(k0)
+        s = tl.dot(q0, kT0, input_precision=INPUT_PRECISION)                # [BLOCK_M, BLOCK_N]
+        t_s = tl.dot(tq0, kT0, input_precision=INPUT_PRECISION)
+        t_s = tl.dot(q0, tl.trans(tk0), t_s, input_precision=INPUT_PRECISION)
+        if D1 > 0:
+            k1 = _key_tile(K, KD1, b32, h32, start_n, offs_n, D0, offs_d1, skn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
+            tk1 = _key_tile(TK, TKD1, b32, h32, start_n, offs_n, D0, offs_d1, stkn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
+            kT1 = tl.trans(k1)
+            s = tl.dot(q1, kT1, s, input_precision=INPUT_PRECISION)
+            t_s = tl.dot(tq1, kT1, t_s, input_precision=INPUT_PRECISION)
+            t_s = tl.dot(q1, tl.trans(tk1), t_s, input_precision=INPUT_PRECISION)
+        if MASK_N:
+            s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+        return s, t_s
+
+    @triton.jit
+    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, delta, v, t_v, INPUT_PRECISION: tl.constexpr):
         """One head-dim chunk: acc_o += p~ v and acc_t += p~ t_v + p~ (t_s - c) v, after the
-        rescale by alpha and the move of c by delta."""
-        acc_t = (acc_t - delta[:, None] * acc_o) * alpha[:, None]
-        acc_o = tl.dot(p_lo, v, acc_o * alpha[:, None], input_precision=INPUT_PRECISION)
-        acc_t = tl.dot(p_lo, t_v, acc_t, input_precision=INPUT_PRECISION)
+        move of c by delta (t_v None: zero)."""
+        acc_t -= delta[:, None] * acc_o
+        acc_o = tl.dot(p_lo, v, acc_o, input_precision=INPUT_PRECISION)
+        if t_v is not None:
+            acc_t = tl.dot(p_lo, t_v, acc_t, input_precision=INPUT_PRECISION)
         acc_t = tl.dot(p_ts_lo, v, acc_t, input_precision=INPUT_PRECISION)
         return acc_o, acc_t
 
@@ -139,7 +165,7 @@ if triton is not None:
         D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
         MASK_D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_M: tl.constexpr, MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        VALUE_SUMS: tl.constexpr,
+        VALUE_SUMS: tl.constexpr, PIPELINE: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     ):
         # The head dim is a power-of-two chunk D0 plus, if D0 < D, a power-of-two tail D1 padded
         # with zeros (72 = 64 + 8 -> 16): each matrix product is one dot per chunk.
@@ -179,79 +205,84 @@ if triton is not None:
             tq1 = _load_tile(TQ, offs_m, offs_d1, stqm, Lq, D, MASK_M, MASK_D1)
             acc_o1 = tl.zeros([BLOCK_M, D1], tl.float32)
             acc_t1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        else:
+            offs_d1, q1, tq1 = offs_d0, q0, tq0  # unused
 
         qk_scale = scale * 1.4426950408889634                     # exp(x) = exp2(x log2 e)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        if VALUE_SUMS == 1 or VALUE_SUMS == 5:
-            lr_i = tl.zeros([BLOCK_M], tl.float32)                # sum of the rounded p~
-            r_i = tl.zeros([BLOCK_M], tl.float32)                 # sum of the rounded p~ (t_s - c)
-        if VALUE_SUMS >= 2 and VALUE_SUMS <= 4:
+        if VALUE_SUMS:  # sum of the 16-bit p~, and of the 16-bit p~ (t_s - c), in each column
             ones = tl.full([BLOCK_N, 16], 1.0, dtype)
             acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
             acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
 
+        if PIPELINE:  # the next block's scores run on the tensor cores during this block's softmax
+            s, t_s = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32, 0, offs_n0, offs_d0, offs_d1,
+                             skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N, INPUT_PRECISION)
+            last_n = (tl.cdiv(Lk, BLOCK_N) - 1) * BLOCK_N
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
-            k0 = _key_tile(K, KD0, b32, h32, start_n, offs_n, 0, offs_d0, skn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
-            tk0 = _key_tile(TK, TKD0, b32, h32, start_n, offs_n, 0, offs_d0, stkn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
-            kT0 = tl.trans(k0)
-            s = tl.dot(q0, kT0, input_precision=INPUT_PRECISION)                # q k^T, [BLOCK_M, BLOCK_N]
-            t_s = tl.dot(tq0, kT0, input_precision=INPUT_PRECISION)             # t_q k^T + q t_k^T
-            t_s = tl.dot(q0, tl.trans(tk0), t_s, input_precision=INPUT_PRECISION)
-            if D1 > 0:
-                k1 = _key_tile(K, KD1, b32, h32, start_n, offs_n, D0, offs_d1, skn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
-                tk1 = _key_tile(TK, TKD1, b32, h32, start_n, offs_n, D0, offs_d1, stkn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
-                kT1 = tl.trans(k1)
-                s = tl.dot(q1, kT1, s, input_precision=INPUT_PRECISION)
-                t_s = tl.dot(tq1, kT1, t_s, input_precision=INPUT_PRECISION)
-                t_s = tl.dot(q1, tl.trans(tk1), t_s, input_precision=INPUT_PRECISION)
-            if MASK_N:
-                s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s * qk_scale - m_new[:, None])                        # p~ = exp(s - m); 0 on masked columns
-            p_lo = p.to(dtype)
-            if VALUE_SUMS >= 4:
-                l_new = l_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
+            if PIPELINE:  # (the last block's scores again after the last block: in bounds, unused)
+                s_next, t_s_next = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32,
+                                           tl.minimum(start_n + BLOCK_N, last_n), offs_n0, offs_d0, offs_d1,
+                                           skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N,
+                                           INPUT_PRECISION)
             else:
-                l_new = l_i * alpha + tl.sum(p, 1)
+                s, t_s = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32, start_n, offs_n0, offs_d0,
+                                 offs_d1, skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N, INPUT_PRECISION)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            if LAZY_RESCALE:  # keep a stale max (p~ <= 2^8) unless some row's grew by more than 8
+                if tl.max(m_new - m_i, 0) > 8.0:
+                    alpha = tl.exp2(m_i - m_new)
+                    l_i *= alpha
+                    acc_o0 *= alpha[:, None]
+                    acc_t0 *= alpha[:, None]
+                    if D1 > 0:
+                        acc_o1 *= alpha[:, None]
+                        acc_t1 *= alpha[:, None]
+                    if VALUE_SUMS:
+                        acc_lr *= alpha[:, None]
+                        acc_r *= alpha[:, None]
+                    m_i = m_new
+            else:
+                alpha = tl.exp2(m_i - m_new)
+                l_i *= alpha
+                acc_o0 *= alpha[:, None]
+                acc_t0 *= alpha[:, None]
+                if D1 > 0:
+                    acc_o1 *= alpha[:, None]
+                    acc_t1 *= alpha[:, None]
+                if VALUE_SUMS:
+                    acc_lr *= alpha[:, None]
+                    acc_r *= alpha[:, None]
+                m_i = m_new
+            p = tl.exp2(s * qk_scale - m_i[:, None])                          # p~ = exp(s - m); 0 on masked columns
+            l_i += tl.sum(p, 1)
             p_ts = p * (t_s * scale - c_i[:, None])                           # p~ (t_s - c_old)
-            delta = tl.sum(p_ts, 1) / l_new                                   # c_new - c_old: the new p-weighted mean
-            p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
-            if VALUE_SUMS == 1:  # what acc_o and acc_t would hold for v = 1, t_v = 0
-                r_i = (r_i - delta * lr_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
-                lr_i = lr_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
-            if VALUE_SUMS == 2:
-                acc_r = (acc_r - delta[:, None] * acc_lr) * alpha[:, None]
-                acc_lr = tl.dot(p_lo, ones, acc_lr * alpha[:, None], input_precision=INPUT_PRECISION)
-                acc_r = tl.dot(p_ts_lo, ones, acc_r, input_precision=INPUT_PRECISION)
-            if VALUE_SUMS == 5:
-                r_i = (r_i - delta * l_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
-            if VALUE_SUMS == 3 or VALUE_SUMS == 4:  # l for the sum of the rounded p~
-                acc_r = (acc_r - (delta * l_i)[:, None]) * alpha[:, None]
-                acc_r = tl.dot(p_ts_lo, ones, acc_r, input_precision=INPUT_PRECISION)
+            delta = tl.sum(p_ts, 1) / l_i                                     # c_new - c_old: the new p-weighted mean
             c_i += delta
-            l_i = l_new
-            m_i = m_new
+            p_lo = p.to(dtype)
+            p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
+            if VALUE_SUMS:  # what acc_o and acc_t hold for v = 1 and t_v = 0
+                acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, delta, ones, None, INPUT_PRECISION)
             v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
             t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
-            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, v0, t_v0, INPUT_PRECISION)
+            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, delta, v0, t_v0, INPUT_PRECISION)
             if D1 > 0:
                 v1 = _key_tile(V, VD1, b32, h32, start_n, offs_n, D0, offs_d1, svn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
                 t_v1 = _key_tile(TV, TVD1, b32, h32, start_n, offs_n, D0, offs_d1, stvn, Lk, D, MASK_N, MASK_D1,
                                  BLOCK_N, D1)
-                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1, INPUT_PRECISION)
+                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, delta, v1, t_v1, INPUT_PRECISION)
+            if PIPELINE:
+                s, t_s = s_next, t_s_next
 
         # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term; but the 16-bit
         # p~ (t_s - c) that entered the products sum to r, not 0, which adds r o to acc_t.
         o0 = acc_o0 / l_i[:, None]
         t_o0 = acc_t0 / l_i[:, None]
-        if VALUE_SUMS >= 2 and VALUE_SUMS <= 4:
-            r_i = tl.sum(acc_r, 1) / 16
         if VALUE_SUMS:
-            r_i = r_i / l_i
+            r_i = tl.sum(acc_r, 1) / tl.sum(acc_lr, 1)
             t_o0 -= r_i[:, None] * o0
         _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
         _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
@@ -406,7 +437,7 @@ def tma_usable(*xs):
                     for x in xs))
 
 
-def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=2):
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=True, pipeline=False, lazy_rescale=True):
     """Launches the kernel; returns Triton's compiled kernel (None in the interpreter).
     tma: read k, t_k, v, t_v through TMA descriptors (default: where `tma_usable`)."""
     B, H, Lq, D = q.shape
@@ -437,7 +468,8 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=2):
         q, k, v, t_q, t_k, t_v, o, t_o, *descriptors, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
-        INPUT_PRECISION=precision, VALUE_SUMS=int(value_sums), num_warps=num_warps, num_stages=num_stages)
+        INPUT_PRECISION=precision, VALUE_SUMS=value_sums, PIPELINE=pipeline,
+        LAZY_RESCALE=lazy_rescale, num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):

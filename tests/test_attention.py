@@ -400,7 +400,8 @@ def test_kernel_compiles_with_a_float64_scale():
         from scaled import attention as A
         kernel = A._attention_jvp_kernel
         constants = dict(D=72, D0=64, D1=16, MASK_D0=False, MASK_D1=True, ALIGN=8, BLOCK_M=64,
-                         BLOCK_N=32, MASK_M=True, MASK_N=True, INPUT_PRECISION="tf32", VALUE_SUMS=True)
+                         BLOCK_N=32, MASK_M=True, MASK_N=True, INPUT_PRECISION="tf32", VALUE_SUMS=True,
+                         PIPELINE=False, LAZY_RESCALE=True)
         descriptors = {name + chunk: f"tensordesc<bf16[1,1,32,{width}]>"  # TMA loads of the key side
                        for name in ("K", "TK", "V", "TV") for chunk, width in (("D0", 64), ("D1", 16))}
         signature = {name: "constexpr" if name in constants else "fp64" if name == "scale"
