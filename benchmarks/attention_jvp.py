@@ -32,7 +32,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import importlib.util
-import itertools
 import json
 import multiprocessing
 import os
@@ -285,42 +284,23 @@ def accuracy(args):
 
 EXTRA_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2),
                  (128, 32, 8, 4), (64, 64, 4, 3)]
-# Kernel variants the sweep times beside the default (TMA where usable, value sums on).
-VARIANTS = [dict(tma=True, value_sums=True, lazy_rescale=True), dict(tma=False, value_sums=True, lazy_rescale=True),
-            dict(tma=True, value_sums=False, lazy_rescale=True), dict(tma=False, value_sums=False, lazy_rescale=True),
-            dict(tma=True, value_sums=True, lazy_rescale=False), dict(tma=False, value_sums=False, lazy_rescale=False),
-            dict(tma=True, value_sums=True, lazy_rescale=True, pipeline=True)]
-
-
-def sweep_variants():
-    """The variants this GPU can run: TMA needs Hopper or later."""
-    has_tma = A.TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
-    return [v for v in VARIANTS if has_tma or not v["tma"]]
-
-
 SWEEP_SM80 = True  # --no-sm80: leave out the A100 table's configurations
 
 
 def sweep_cases(dims, extra_dims):
-    """(D, config) the sweep times: the sm90 and sm80 tables' entries but their last resort
-    (32, 32, 4, 1), and for extra_dims a few more, all that fit an H100."""
+    """(D, Config) the sweep times: the sm90 and sm80 tables' entries but their last resort
+    (32, 32, 4, 1), and for extra_dims a few more, all that fit an H100; on Hopper each sm90 and
+    extra one with and without TMA (the A100 table's without: an A100 has no TMA)."""
+    has_tma = A.TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
     cases = []
     for D in dims:
         Dp = sum(A.head_dim_split(D))
-        extra = EXTRA_CONFIGS if D in extra_dims else []
-        sm80 = A.CONFIGS["sm80", 2][Dp][:-1] if SWEEP_SM80 else []
-        configs = [c for c in A.CONFIGS["sm90", 2][Dp][:-1] + sm80 + extra
+        hopper = A.CONFIGS["sm90", 2][Dp][:-1] + [A.Config(*c) for c in EXTRA_CONFIGS if D in extra_dims]
+        hopper = [A.Config(*c[:4], tma) for c in hopper for tma in ((True, False) if has_tma else (False,))]
+        configs = [c for c in hopper + (A.CONFIGS["sm80", 2][Dp][:-1] if SWEEP_SM80 else [])
                    if A.shared_memory_estimate(c, Dp, 2) <= A.SHARED_MEMORY_LIMIT["sm90"]]
         cases += [(D, c) for c in dict.fromkeys(configs)]
     return cases
-
-
-def sweep_jobs(dims, extra_dims):
-    """(D, config, variant) the sweep times: every variant of the sm90 table's and the extra
-    configurations; the sm80 table's (for the A100, which has no TMA) without TMA."""
-    return [(D, c, variant) for (D, c), variant in itertools.product(sweep_cases(dims, extra_dims), sweep_variants())
-            if not variant["tma"] or c not in A.CONFIGS["sm80", 2][sum(A.head_dim_split(D))]
-            or c in A.CONFIGS["sm90", 2][sum(A.head_dim_split(D))] or D in extra_dims and c in EXTRA_CONFIGS]
 
 
 def sweep(args):
@@ -338,28 +318,27 @@ def sweep(args):
         default = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0]
         flops = 12 * B * H_BENCH * L * L * D
         Dp = sum(A.head_dim_split(D))
-        for _, config, variant in sweep_jobs([D], args.dims):
+        for _, config in sweep_cases([D], args.dims):
             out = [torch.empty_like(o_ref) for _ in range(2)]
             try:
-                kernel = A._launch(*xs, *out, config, **variant)
-                ms = triton.testing.do_bench(lambda: A._launch(*xs, *out, config, **variant),
+                kernel = A._launch(*xs, *out, config)
+                ms = triton.testing.do_bench(lambda: A._launch(*xs, *out, config),
                                              warmup=25, rep=100, return_mode="median")
             except Exception as e:  # resource limits of a config
-                print(f"D={D} {config} {variant}: failed {type(e).__name__}: {str(e)[:200]}")
+                print(f"D={D} {config}: failed {type(e).__name__}: {str(e)[:200]}")
                 continue
-            res = dict(D=D, L=L, B=B, config=config, **variant, ms=ms, sdpa_cudnn_ms=base,
+            res = dict(D=D, L=L, B=B, config=config, ms=ms, sdpa_cudnn_ms=base,
                        jvp_tflops=flops / ms / 1e9, shared=kernel.metadata.shared,
                        estimate=A.shared_memory_estimate(config, Dp, 2),
                        regs=kernel.n_regs, spills=kernel.n_spills,
                        in_sm90_table=config in A.CONFIGS["sm90", 2][Dp],
                        in_sm80_table=config in A.CONFIGS["sm80", 2][Dp],
-                       default=config == default and variant == sweep_variants()[0],
+                       default=config == default,
                        max_diff_o=(out[0].float() - o_ref.float()).abs().max().item(),
                        max_diff_t_o=(out[1].float() - t_o_ref.float()).abs().max().item(),
                        max_t_o=t_o_ref.float().abs().max().item())
             results.append(res)
-            print(f"{env['card']} D={D} L={L} B={B} {config} tma={variant['tma']:d} "
-                  f"{' '.join(f'{k}={v:d}' for k, v in variant.items() if k != 'tma')}: {ms:.3f} ms "
+            print(f"{env['card']} D={D} L={L} B={B} {tuple(config)}: {ms:.3f} ms "
                   f"({ms / base:.2f}x cuDNN fwd {base:.3f} ms), JVP {res['jvp_tflops']:.0f} TFLOP/s, "
                   f"shared {res['shared']} (estimate {res['estimate']}), regs {res['regs']} spills "
                   f"{res['spills']}, max|diff| o {res['max_diff_o']:.1e} t_o {res['max_diff_t_o']:.1e}"
@@ -376,13 +355,11 @@ def sweep(args):
 
 
 def use_fastest(path, dims):
-    """Reorder this process's sm90 table: the sweep's fastest configuration (of the default
-    variant) first."""
+    """Reorder this process's sm90 table: the sweep's fastest configuration first."""
     with open(path) as f:
-        timed = [r for r in json.load(f)["sweep"] if "config" in r
-                 and all(r.get(key, value) == value for key, value in sweep_variants()[0].items())]
+        timed = [r for r in json.load(f)["sweep"] if "config" in r]
     for D in dims:
-        fastest = tuple(min((r for r in timed if r["D"] == D), key=lambda r: r["ms"])["config"])
+        fastest = A.Config(*min((r for r in timed if r["D"] == D), key=lambda r: r["ms"])["config"])
         table = A.CONFIGS["sm90", 2][sum(A.head_dim_split(D))]
         table.insert(0, table.pop(table.index(fastest)) if fastest in table else fastest)
         print(f"D={D}: fastest swept configuration {fastest} first", flush=True)
@@ -397,11 +374,10 @@ DESCRIPTORS = ("KD0", "TKD0", "VD0", "TVD0", "KD1", "TKD1", "VD1", "TVD1")
 
 def compile_for(capability, D, config, L=4096, H=16):
     """Compile the kernel for a GPU of this compute capability as a launch with bf16
-    [B, H, L, D] contiguous tensors would (TMA loads from sm90 on); (Triton's shared bytes,
-    ptxas registers, spill bytes)."""
+    [B, H, L, D] contiguous tensors would; (Triton's shared bytes, ptxas registers, spill bytes)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    BLOCK_M, BLOCK_N, num_warps, num_stages = config
+    BLOCK_M, BLOCK_N, num_warps, num_stages, tma = A.Config(*config)
     D0, D1 = A.head_dim_split(D)
     align = next(a for a in (8, 4, 2, 1) if D % a == 0)
     kernel = A._attention_jvp_kernel
@@ -409,7 +385,7 @@ def compile_for(capability, D, config, L=4096, H=16):
     divisible_by_16 = make_backend(target).parse_attr("D")
     constants = dict(D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align, BLOCK_M=BLOCK_M,
                      BLOCK_N=BLOCK_N, MASK_M=L % BLOCK_M != 0, MASK_N=L % BLOCK_N != 0,
-                     INPUT_PRECISION="tf32", VALUE_SUMS=True, PIPELINE=False, LAZY_RESCALE=True)
+                     INPUT_PRECISION="tf32")
     strides = {"b": H * L * D // align, "h": L * D // align, "m": D // align, "n": D // align}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -418,7 +394,7 @@ def compile_for(capability, D, config, L=4096, H=16):
         if name in constants:
             signature[name] = "constexpr"
         elif name in DESCRIPTORS:
-            if capability >= 90 and width:
+            if tma and width:
                 signature[name] = f"tensordesc<bf16[1,1,{BLOCK_N},{width}]>"
             else:
                 signature[name], constants[name] = "constexpr", None
@@ -477,12 +453,12 @@ def configs(args):
 
 
 def _precompile_job(job):
-    D, config, variant, previous = job
+    D, config, previous = job
     xs = make_inputs(1, H_BENCH, 256, D, torch.bfloat16)
     if config is None:
         load_previous(previous).attention_jvp_triton(*xs)
     else:
-        A._launch(*xs, *[torch.empty_like(xs[0]) for _ in range(2)], config, **variant)
+        A._launch(*xs, *[torch.empty_like(xs[0]) for _ in range(2)], config)
     torch.cuda.synchronize()
     return D, config
 
@@ -491,9 +467,9 @@ def precompile(args):
     """Compile what --sweep, --accuracy and the rows launch (same specializations: lengths that
     are multiples of 128, 16 heads), in parallel processes that share Triton's disk cache."""
     t = time.time()
-    jobs = [(D, c, variant, None) for D, c, variant in sweep_jobs(args.sweep_dims or args.dims, args.dims)]
+    jobs = [(D, c, None) for D, c in sweep_cases(args.sweep_dims or args.dims, args.dims)]
     if args.previous:
-        jobs += [(D, None, None, args.previous) for D in args.dims]
+        jobs += [(D, None, args.previous) for D in args.dims]
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for done in pool.map(_precompile_job, jobs):
             print("compiled", done, flush=True)

@@ -21,10 +21,13 @@ o = acc_o / l and t_o = acc_t / l.
 Why the centre: the product p~ (t_s - c) v runs on 16-bit operands. A key offset shared by all
 keys (k + a, t_k + a), or large logits, give t_s a part that is (nearly) the same for every key;
 rounded to 16 bits before the product and cancelled only at the end, it multiplied t_o's error
-(issue 13). Not handled: an offset shared by all values (v + a) still does that; the variant
-that handles it and what it costs are in benchmarks/attention_jvp_notes.md.
+(issue 13). The value sums: the 16-bit p~ (t_s - c) still sum to a small r != 0, and an offset
+shared by all values (v + a) turns that into an error a r / l in t_o (bf16, a = 16: 13x the
+error of SDPA's math path). The same products with a chunk of ones for v give r and the sum lr of the
+16-bit p~, and t_o -= (r / lr) o removes it exactly.
 """
 import os
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -145,11 +148,11 @@ if triton is not None:
         return s, t_s
 
     @triton.jit
-    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, delta, v, t_v, INPUT_PRECISION: tl.constexpr):
+    def _accumulate(acc_o, acc_t, p_lo, p_ts_lo, alpha, delta, v, t_v, INPUT_PRECISION: tl.constexpr):
         """One head-dim chunk: acc_o += p~ v and acc_t += p~ t_v + p~ (t_s - c) v, after the
-        move of c by delta (t_v None: zero)."""
-        acc_t -= delta[:, None] * acc_o
-        acc_o = tl.dot(p_lo, v, acc_o, input_precision=INPUT_PRECISION)
+        rescale by alpha and the move of c by delta (t_v None: zero)."""
+        acc_t = (acc_t - delta[:, None] * acc_o) * alpha[:, None]
+        acc_o = tl.dot(p_lo, v, acc_o * alpha[:, None], input_precision=INPUT_PRECISION)
         if t_v is not None:
             acc_t = tl.dot(p_lo, t_v, acc_t, input_precision=INPUT_PRECISION)
         acc_t = tl.dot(p_ts_lo, v, acc_t, input_precision=INPUT_PRECISION)
@@ -165,7 +168,6 @@ if triton is not None:
         D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
         MASK_D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_M: tl.constexpr, MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        VALUE_SUMS: tl.constexpr, PIPELINE: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     ):
         # The head dim is a power-of-two chunk D0 plus, if D0 < D, a power-of-two tail D1 padded
         # with zeros (72 = 64 + 8 -> 16): each matrix product is one dot per chunk.
@@ -212,85 +214,49 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        if VALUE_SUMS:  # sum of the 16-bit p~, and of the 16-bit p~ (t_s - c), in each column
-            ones = tl.full([BLOCK_N, 16], 1.0, dtype)
-            acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
-            acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
+        # acc_o and acc_t of a value chunk of ones (and t_v = 0): in each column, the sums lr of
+        # the 16-bit p~ and r of the 16-bit p~ (t_s - c) that entered the products.
+        ones = tl.full([BLOCK_N, 16], 1.0, dtype)
+        acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
+        acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
 
-        if PIPELINE:  # the next block's scores run on the tensor cores during this block's softmax
-            s, t_s = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32, 0, offs_n0, offs_d0, offs_d1,
-                             skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N, INPUT_PRECISION)
-            last_n = (tl.cdiv(Lk, BLOCK_N) - 1) * BLOCK_N
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
-            if PIPELINE:  # (the last block's scores again after the last block: in bounds, unused)
-                s_next, t_s_next = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32,
-                                           tl.minimum(start_n + BLOCK_N, last_n), offs_n0, offs_d0, offs_d1,
-                                           skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N,
-                                           INPUT_PRECISION)
-            else:
-                s, t_s = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32, start_n, offs_n0, offs_d0,
-                                 offs_d1, skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N, INPUT_PRECISION)
+            s, t_s = _scores(q0, tq0, q1, tq1, K, TK, KD0, TKD0, KD1, TKD1, b32, h32, start_n, offs_n0, offs_d0,
+                             offs_d1, skn, stkn, Lk, D, D0, D1, MASK_N, MASK_D0, MASK_D1, BLOCK_N, INPUT_PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            if LAZY_RESCALE:  # keep a stale max (p~ <= 2^8) unless some row's grew by more than 8
-                if tl.max(m_new - m_i, 0) > 8.0:
-                    alpha = tl.exp2(m_i - m_new)
-                    l_i *= alpha
-                    acc_o0 *= alpha[:, None]
-                    acc_t0 *= alpha[:, None]
-                    if D1 > 0:
-                        acc_o1 *= alpha[:, None]
-                        acc_t1 *= alpha[:, None]
-                    if VALUE_SUMS:
-                        acc_lr *= alpha[:, None]
-                        acc_r *= alpha[:, None]
-                    m_i = m_new
-            else:
-                alpha = tl.exp2(m_i - m_new)
-                l_i *= alpha
-                acc_o0 *= alpha[:, None]
-                acc_t0 *= alpha[:, None]
-                if D1 > 0:
-                    acc_o1 *= alpha[:, None]
-                    acc_t1 *= alpha[:, None]
-                if VALUE_SUMS:
-                    acc_lr *= alpha[:, None]
-                    acc_r *= alpha[:, None]
-                m_i = m_new
+            alpha = tl.exp2(m_i - m_new)
+            m_i = m_new
             p = tl.exp2(s * qk_scale - m_i[:, None])                          # p~ = exp(s - m); 0 on masked columns
-            l_i += tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
             p_ts = p * (t_s * scale - c_i[:, None])                           # p~ (t_s - c_old)
             delta = tl.sum(p_ts, 1) / l_i                                     # c_new - c_old: the new p-weighted mean
             c_i += delta
             p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
-            if VALUE_SUMS:  # what acc_o and acc_t hold for v = 1 and t_v = 0
-                acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, delta, ones, None, INPUT_PRECISION)
+            acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, alpha, delta, ones, None, INPUT_PRECISION)
             v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
             t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
-            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, delta, v0, t_v0, INPUT_PRECISION)
+            acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, v0, t_v0, INPUT_PRECISION)
             if D1 > 0:
                 v1 = _key_tile(V, VD1, b32, h32, start_n, offs_n, D0, offs_d1, svn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
                 t_v1 = _key_tile(TV, TVD1, b32, h32, start_n, offs_n, D0, offs_d1, stvn, Lk, D, MASK_N, MASK_D1,
                                  BLOCK_N, D1)
-                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, delta, v1, t_v1, INPUT_PRECISION)
-            if PIPELINE:
-                s, t_s = s_next, t_s_next
+                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1, INPUT_PRECISION)
 
-        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term; but the 16-bit
-        # p~ (t_s - c) that entered the products sum to r, not 0, which adds r o to acc_t.
+        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term. But the 16-bit
+        # p~ (t_s - c) that entered the products sum to r, not 0: r / lr acc_o more in acc_t,
+        # which an offset shared by all values (v + a) makes large against t_o (issue 13).
         o0 = acc_o0 / l_i[:, None]
         t_o0 = acc_t0 / l_i[:, None]
-        if VALUE_SUMS:
-            r_i = tl.sum(acc_r, 1) / tl.sum(acc_lr, 1)
-            t_o0 -= r_i[:, None] * o0
+        r_i = tl.sum(acc_r, 1) / tl.sum(acc_lr, 1)
+        t_o0 -= r_i[:, None] * o0
         _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
         _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
         if D1 > 0:
             o1 = acc_o1 / l_i[:, None]
             t_o1 = acc_t1 / l_i[:, None]
-            if VALUE_SUMS:
-                t_o1 -= r_i[:, None] * o1
+            t_o1 -= r_i[:, None] * o1
             _store_tile(O, o1, offs_m, offs_d1, som, Lq, D, MASK_M, MASK_D1)
             _store_tile(TO, t_o1, offs_m, offs_d1, stom, Lq, D, MASK_M, MASK_D1)
 
@@ -309,21 +275,32 @@ def head_dim_split(D):
 
 
 #----------------------------------------------------------------------------
-# Configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, dtype size and
-# padded head dim D0 + D1, best first; later entries need less shared memory and are the
-# fallbacks. Picked by the sweeps in benchmarks/attention_jvp_notes.md.
+# Configurations per architecture, dtype size and padded head dim D0 + D1, best first; later
+# entries need less shared memory and are the fallbacks. Picked by the sweeps in
+# benchmarks/attention_jvp_notes.md.
+
+class Config(NamedTuple):
+    """How the kernel runs: tile sizes, warps, software-pipeline stages, and whether k, t_k, v,
+    t_v arrive by TMA (sm90 and later, where the tensors allow it; else by pointer loads)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
 
 SHARED_MEMORY_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (opt-in): A100, H100
+TMA = True
 
 CONFIGS = {
     ("sm90", 2): {
-        16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
-        32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+        16: [(64, 64, 4, 2, TMA), (64, 64, 4, 2), (32, 32, 4, 1)],
+        32: [(64, 64, 4, 2, TMA), (128, 64, 8, 3), (32, 32, 4, 1)],
         48: [(128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
-        64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        64: [(128, 128, 8, 2, TMA), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
         80: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
-        96: [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
+        96: [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 1)],
+        128: [(128, 64, 8, 2, TMA), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 1)],
     },
     ("sm80", 2): {  # chosen by compiling for sm80 (no spills) and timing on the H100
         16: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
@@ -338,16 +315,18 @@ CONFIGS = {
 for _arch in ("sm80", "sm90"):  # float32 (slow in any case: 2x the bytes, tf32 or exact products)
     CONFIGS[_arch, 4] = {Dp: [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)] if Dp <= 96 else
                          [(32, 32, 4, 2), (32, 16, 4, 1)] for Dp in CONFIGS[_arch, 2]}
+CONFIGS = {case: {Dp: [Config(*c) for c in configs] for Dp, configs in table.items()}
+           for case, table in CONFIGS.items()}
 
 
 def shared_memory_estimate(config, Dp, elem_bytes):
     """Bytes of shared memory a configuration needs: num_stages buffers of the four key-side
-    tiles (k, t_k, v, t_v) plus q and t_q, plus 1 KB for the barriers of TMA loads. Triton 3.6
-    reports the tiles' bytes for the compiled kernel on sm90 (and 56-64 more with TMA), fewer on
-    sm80 (benchmarks/attention_jvp.py --configs and --sweep), except BLOCK_M = 64 with 8 warps,
-    4 KB more on sm90: no table entry has that."""
-    BLOCK_M, BLOCK_N, _, num_stages = config
-    return (4 * num_stages * BLOCK_N + 2 * BLOCK_M) * Dp * elem_bytes + 1024
+    tiles (k, t_k, v, t_v), q and t_q, the ones tile of the value sums [BLOCK_N, 16], and 1 KB
+    for the barriers of TMA loads. Triton 3.6 reports that less the 1 KB for the compiled kernel
+    on sm90 (56-64 bytes more with TMA), less on sm80 (benchmarks/attention_jvp.py --configs
+    and --sweep), except BLOCK_M = 64 with 8 warps, 4 KB more on sm90: no table entry has that."""
+    config = Config(*config)
+    return ((4 * config.num_stages * config.block_n + 2 * config.block_m) * Dp + 16 * config.block_n) * elem_bytes + 1024
 
 
 def device_arch(device):
@@ -397,8 +376,8 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
 
     Tensors [B, H, L, D] of one dtype on one device, any strides with a unit last stride;
     a tangent may be None (zero). `out` optionally gives the (o, t_o) tensors to write;
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the device's table;
-    `tma` forces TMA loads of k, t_k, v, t_v on or off (default: where `tma_usable`).
+    `config` (a `Config` or its fields) overrides the device's table; `tma` forces TMA loads of
+    k, t_k, v, t_v on or off (default: as the configuration says, where `tma_usable`).
     CPU tensors run in Triton's interpreter.
     """
     B, H, Lq, D = q.shape
@@ -415,9 +394,9 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     if config is not None:
         launch(config)
     elif not q.is_cuda:  # the interpreter runs any configuration
-        launch((32, 32, 4, 1))
+        launch(Config(32, 32, 4, 1))
     elif torch.compiler.is_compiling():  # Inductor compiles the kernel later; the estimate fits
-        launch(_first_candidate(q.device.index or 0, q.dtype, D))
+        launch(_first_candidate(q.device.index or 0, q.dtype, D))  # (pointer loads: see tma_usable)
     else:
         first_that_launches(config_candidates(*device_arch(q.device), D, q.dtype), (q.device, q.dtype, D), launch)
     return tuple(out)
@@ -425,28 +404,29 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
 
 @torch.compiler.assume_constant_result  # evaluated while torch.compile traces, a constant after
 def _first_candidate(index, dtype, D):
-    return config_candidates(*_device_arch(index), D, dtype)[0]
+    return next(c for c in config_candidates(*_device_arch(index), D, dtype) if not c.tma)
 
 
 def tma_usable(*xs):
     """Whether the key-side tensors can be read by TMA (Hopper and later): descriptors need
-    16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads."""
+    16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads, and so
+    does a call that torch.compile traces (its Triton kernels are not given host descriptors)."""
     return (TensorDescriptor is not None and xs[0].is_cuda and not torch.compiler.is_compiling()
             and torch.cuda.get_device_capability(xs[0].device)[0] >= 9
             and all(x.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3])
                     for x in xs))
 
 
-def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=True, pipeline=False, lazy_rescale=True):
+def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None):
     """Launches the kernel; returns Triton's compiled kernel (None in the interpreter).
-    tma: read k, t_k, v, t_v through TMA descriptors (default: where `tma_usable`)."""
+    tma: read k, t_k, v, t_v through TMA descriptors (default: config.tma, where `tma_usable`)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    BLOCK_M, BLOCK_N, num_warps, num_stages = config
+    BLOCK_M, BLOCK_N, num_warps, num_stages, config_tma = Config(*config)
     D0, D1 = head_dim_split(D)
     interpret = not q.is_cuda
     if tma is None:
-        tma = tma_usable(k, t_k, v, t_v)
+        tma = config_tma and tma_usable(k, t_k, v, t_v)
     descriptors = [None] * 8
     if tma:
         descriptors[:4] = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, BLOCK_N, D0])
@@ -468,8 +448,7 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None, value_sums=True, p
         q, k, v, t_q, t_k, t_v, o, t_o, *descriptors, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
-        INPUT_PRECISION=precision, VALUE_SUMS=value_sums, PIPELINE=pipeline,
-        LAZY_RESCALE=lazy_rescale, num_warps=num_warps, num_stages=num_stages)
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):

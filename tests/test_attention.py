@@ -200,10 +200,11 @@ def test_every_table_entry_fits_its_architecture(arch, elem_bytes):
     table = A.CONFIGS[arch, elem_bytes]
     assert set(table) == {sum(A.head_dim_split(D)) for D in range(1, A.HEAD_DIM_MAX + 1)}
     for Dp, configs in table.items():
-        for BLOCK_M, BLOCK_N, num_warps, num_stages in configs:
+        for BLOCK_M, BLOCK_N, num_warps, num_stages, tma in configs:
             assert all(x >= 16 and x & (x - 1) == 0 for x in (BLOCK_M, BLOCK_N))
             assert num_warps in (4, 8) and 1 <= num_stages <= 4
             assert not (BLOCK_M == 64 and num_warps == 8)  # the estimate's one exception
+            assert not tma or arch == "sm90"  # an A100 has no TMA
         estimates = [A.shared_memory_estimate(c, Dp, elem_bytes) for c in configs]
         assert max(estimates) <= A.SHARED_MEMORY_LIMIT[arch], (Dp, configs, estimates)
         assert estimates[-1] == min(estimates) <= 99 * 1024  # the last fallback fits sm86/sm89
@@ -400,8 +401,7 @@ def test_kernel_compiles_with_a_float64_scale():
         from scaled import attention as A
         kernel = A._attention_jvp_kernel
         constants = dict(D=72, D0=64, D1=16, MASK_D0=False, MASK_D1=True, ALIGN=8, BLOCK_M=64,
-                         BLOCK_N=32, MASK_M=True, MASK_N=True, INPUT_PRECISION="tf32", VALUE_SUMS=True,
-                         PIPELINE=False, LAZY_RESCALE=True)
+                         BLOCK_N=32, MASK_M=True, MASK_N=True, INPUT_PRECISION="tf32")
         descriptors = {name + chunk: f"tensordesc<bf16[1,1,32,{width}]>"  # TMA loads of the key side
                        for name in ("K", "TK", "V", "TV") for chunk, width in (("D0", 64), ("D1", 16))}
         signature = {name: "constexpr" if name in constants else "fp64" if name == "scale"
