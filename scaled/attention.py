@@ -410,7 +410,7 @@ def _first_candidate(index, dtype, D):
 def tma_usable(*xs):
     """Whether the key-side tensors can be read by TMA (Hopper and later): descriptors need
     16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads, and so
-    does a call that torch.compile traces (its Triton kernels are not given host descriptors)."""
+    does a call that torch.compile traces (host descriptors under Inductor are untried here)."""
     return (TensorDescriptor is not None and xs[0].is_cuda and not torch.compiler.is_compiling()
             and torch.cuda.get_device_capability(xs[0].device)[0] >= 9
             and all(x.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3])
