@@ -188,7 +188,7 @@ def bench(args):
                     try:
                         ms, mem, t_o = measure(fn, dual, xs)
                     except Exception as e:  # report and go on (a compile failure, say)
-                        row[name] = dict(ms=None, mem_mb=f"{type(e).__name__}: {str(e)[:300]}")
+                        row[name] = dict(ms=None, mem_mb=f"{type(e).__name__}: {str(e)[:2000]}")
                         print(f"D={D} L={L} {name} failed: {row[name]['mem_mb']}", flush=True)
                         continue
                     row[name] = dict(ms=ms, mem_mb=mem)

@@ -404,7 +404,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
 
 @torch.compiler.assume_constant_result  # evaluated while torch.compile traces, a constant after
 def _first_candidate(index, dtype, D):
-    return next(c for c in config_candidates(*_device_arch(index), D, dtype) if not c.tma)
+    return tuple(next(c for c in config_candidates(*_device_arch(index), D, dtype) if not c.tma))
 
 
 def tma_usable(*xs):

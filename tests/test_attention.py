@@ -210,6 +210,19 @@ def test_every_table_entry_fits_its_architecture(arch, elem_bytes):
         assert estimates[-1] == min(estimates) <= 99 * 1024  # the last fallback fits sm86/sm89
 
 
+def test_config_choice_under_torch_compile_is_a_pointer_load_constant(monkeypatch):
+    # Under torch.compile the configuration is traced as a constant (Dynamo failed on a NamedTuple
+    # there), and it is the first one without TMA: a traced call takes pointer loads.
+    props = types.SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.delenv("SCALED_ATTENTION_ARCH", raising=False)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: x + A.Config(*A._first_candidate(0, torch.bfloat16, 64)).block_n,
+                           fullgraph=True, backend="eager")
+    expected = next(c for c in A.CONFIGS["sm90", 2][64] if not c.tma)
+    assert A.CONFIGS["sm90", 2][64][0].tma and traced(torch.zeros(1)).item() == expected.block_n
+
+
 @pytest.mark.parametrize("major, minor, optin, arch", [
     (9, 0, 232448, "sm90"), (8, 0, 166912, "sm80"), (8, 6, 101376, "sm80"), (8, 9, 101376, "sm80")])
 def test_device_arch_and_candidates_follow_the_device(major, minor, optin, arch, monkeypatch):
