@@ -282,8 +282,10 @@ def accuracy(args):
 #----------------------------------------------------------------------------
 # Block configurations: timing on this GPU, the sm80 table's too.
 
+# (BLOCK_M = 64 with 4 warps and at most ~113 KB of shared memory: two programs share an SM)
 EXTRA_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2),
-                 (128, 32, 8, 4), (64, 64, 4, 3)]
+                 (128, 32, 8, 4), (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4), (64, 32, 4, 3),
+                 (64, 32, 4, 2), (64, 16, 4, 4)]
 SWEEP_SM80 = True  # --no-sm80: leave out the A100 table's configurations
 
 
