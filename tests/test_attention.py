@@ -317,7 +317,7 @@ def test_kernel_interpreter_fp16_offsets_and_large_logits(case, tma, row_sums, m
     # (9x and 34x at +16 and +64 before the value sums).
     monkeypatch.setattr(A, "INTERPRET_ON_CPU", True)
     xs = random_qkv(1, 2, 128, 128, 64, torch.float16, **case)
-    o, t_o = A.attention_jvp_triton(*xs, config=A.Config(64, 64, 4, 2, tma, row_sums))
+    o, t_o = A.attention_jvp_triton(*xs, config=A.Config(64, 64, 4, 2, row_sums=row_sums), tma=tma)
     ref_o, ref_t = reference_jvp(*xs)
     float32_o, float32_t = float32_rounded_jvp(*xs)
     assert rel_err(o, ref_o) <= ERROR_RATIO_MAX * rel_err(float32_o, ref_o)
