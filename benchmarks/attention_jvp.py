@@ -299,7 +299,6 @@ def sweep_cases(dims, extra_dims):
         Dp = sum(A.head_dim_split(D))
         hopper = A.CONFIGS["sm90", 2][Dp][:-1] + [A.Config(*c) for c in EXTRA_CONFIGS if D in extra_dims]
         hopper = [A.Config(*c[:4], tma) for c in hopper for tma in ((True, False) if has_tma else (False,))]
-        hopper += [c._replace(row_sums=True) for c in hopper if c.num_warps == 4]
         configs = [c for c in hopper + (A.CONFIGS["sm80", 2][Dp][:-1] if SWEEP_SM80 else [])
                    if A.shared_memory_estimate(c, Dp, 2) <= A.SHARED_MEMORY_LIMIT["sm90"]]
         cases += [(D, c) for c in dict.fromkeys(configs)]
@@ -380,7 +379,7 @@ def compile_for(capability, D, config, L=4096, H=16):
     [B, H, L, D] contiguous tensors would; (Triton's shared bytes, ptxas registers, spill bytes)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    BLOCK_M, BLOCK_N, num_warps, num_stages, tma, row_sums = A.Config(*config)
+    BLOCK_M, BLOCK_N, num_warps, num_stages, tma = A.Config(*config)
     D0, D1 = A.head_dim_split(D)
     align = next(a for a in (8, 4, 2, 1) if D % a == 0)
     kernel = A._attention_jvp_kernel
@@ -388,7 +387,7 @@ def compile_for(capability, D, config, L=4096, H=16):
     divisible_by_16 = make_backend(target).parse_attr("D")
     constants = dict(D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align, BLOCK_M=BLOCK_M,
                      BLOCK_N=BLOCK_N, MASK_M=L % BLOCK_M != 0, MASK_N=L % BLOCK_N != 0,
-                     INPUT_PRECISION="tf32", ROW_SUMS=row_sums)
+                     INPUT_PRECISION="tf32")
     strides = {"b": H * L * D // align, "h": L * D // align, "m": D // align, "n": D // align}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -168,7 +168,6 @@ if triton is not None:
         D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
         MASK_D1: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_M: tl.constexpr, MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        ROW_SUMS: tl.constexpr,
     ):
         # The head dim is a power-of-two chunk D0 plus, if D0 < D, a power-of-two tail D1 padded
         # with zeros (72 = 64 + 8 -> 16): each matrix product is one dot per chunk.
@@ -215,16 +214,11 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
         l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        # The value sums: the sums lr of the 16-bit p~ and r of the 16-bit p~ (t_s - c) that
-        # entered the products, as acc_o and acc_t of a value chunk of ones (and t_v = 0), or as
-        # row sums (no shared memory for the ones, more work per score).
-        if ROW_SUMS:
-            lr_i = tl.zeros([BLOCK_M], tl.float32)
-            r_i = tl.zeros([BLOCK_M], tl.float32)
-        else:
-            ones = tl.full([BLOCK_N, 16], 1.0, dtype)
-            acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
-            acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
+        # acc_o and acc_t of a value chunk of ones (and t_v = 0): in each column, the sums lr of
+        # the 16-bit p~ and r of the 16-bit p~ (t_s - c) that entered the products.
+        ones = tl.full([BLOCK_N, 16], 1.0, dtype)
+        acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
+        acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
 
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
@@ -240,11 +234,7 @@ if triton is not None:
             c_i += delta
             p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
-            if ROW_SUMS:
-                r_i = (r_i - delta * lr_i) * alpha + tl.sum(p_ts_lo.to(tl.float32), 1)
-                lr_i = lr_i * alpha + tl.sum(p_lo.to(tl.float32), 1)
-            else:
-                acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, alpha, delta, ones, None, INPUT_PRECISION)
+            acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, alpha, delta, ones, None, INPUT_PRECISION)
             v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
             t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
             acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, v0, t_v0, INPUT_PRECISION)
@@ -259,10 +249,7 @@ if triton is not None:
         # which an offset shared by all values (v + a) makes large against t_o (issue 13).
         o0 = acc_o0 / l_i[:, None]
         t_o0 = acc_t0 / l_i[:, None]
-        if ROW_SUMS:
-            r_i = r_i / lr_i
-        else:
-            r_i = tl.sum(acc_r, 1) / tl.sum(acc_lr, 1)
+        r_i = tl.sum(acc_r, 1) / tl.sum(acc_lr, 1)
         t_o0 -= r_i[:, None] * o0
         _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
         _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
@@ -293,15 +280,13 @@ def head_dim_split(D):
 # benchmarks/attention_jvp_notes.md.
 
 class Config(NamedTuple):
-    """How the kernel runs: tile sizes, warps, software-pipeline stages, whether k, t_k, v, t_v
-    arrive by TMA (sm90 and later, where the tensors allow it; else by pointer loads), and
-    whether the value sums are row sums instead of products with a ones tile."""
+    """How the kernel runs: tile sizes, warps, software-pipeline stages, and whether k, t_k, v,
+    t_v arrive by TMA (sm90 and later, where the tensors allow it; else by pointer loads)."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     tma: bool = False
-    row_sums: bool = False
 
 
 SHARED_MEMORY_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (opt-in): A100, H100
@@ -341,8 +326,7 @@ def shared_memory_estimate(config, Dp, elem_bytes):
     on sm90 (56-64 bytes more with TMA), less on sm80 (benchmarks/attention_jvp.py --configs
     and --sweep), except BLOCK_M = 64 with 8 warps, 4 KB more on sm90: no table entry has that."""
     config = Config(*config)
-    ones = 0 if config.row_sums else 16 * config.block_n
-    return ((4 * config.num_stages * config.block_n + 2 * config.block_m) * Dp + ones) * elem_bytes + 1024
+    return ((4 * config.num_stages * config.block_n + 2 * config.block_m) * Dp + 16 * config.block_n) * elem_bytes + 1024
 
 
 def device_arch(device):
@@ -438,7 +422,7 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None):
     tma: read k, t_k, v, t_v through TMA descriptors (default: config.tma, where `tma_usable`)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    BLOCK_M, BLOCK_N, num_warps, num_stages, config_tma, row_sums = Config(*config)
+    BLOCK_M, BLOCK_N, num_warps, num_stages, config_tma = Config(*config)
     D0, D1 = head_dim_split(D)
     interpret = not q.is_cuda
     if tma is None:
@@ -464,7 +448,7 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None):
         q, k, v, t_q, t_k, t_v, o, t_o, *descriptors, *[s // align for s in strides], H, Lq, Lk, D ** -0.5,
         D=D, D0=D0, D1=D1, MASK_D0=D0 > D, MASK_D1=D0 + D1 > D, ALIGN=align,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_M=Lq % BLOCK_M != 0, MASK_N=Lk % BLOCK_N != 0,
-        INPUT_PRECISION=precision, ROW_SUMS=row_sums, num_warps=num_warps, num_stages=num_stages)
+        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
 def kernel_supported(q, k, v):

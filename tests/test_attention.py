@@ -200,7 +200,7 @@ def test_every_table_entry_fits_its_architecture(arch, elem_bytes):
     table = A.CONFIGS[arch, elem_bytes]
     assert set(table) == {sum(A.head_dim_split(D)) for D in range(1, A.HEAD_DIM_MAX + 1)}
     for Dp, configs in table.items():
-        for BLOCK_M, BLOCK_N, num_warps, num_stages, tma, _ in configs:
+        for BLOCK_M, BLOCK_N, num_warps, num_stages, tma in configs:
             assert all(x >= 16 and x & (x - 1) == 0 for x in (BLOCK_M, BLOCK_N))
             assert num_warps in (4, 8) and 1 <= num_stages <= 4
             assert not (BLOCK_M == 64 and num_warps == 8)  # the estimate's one exception
@@ -309,15 +309,15 @@ def test_kernel_interpreter_strided_views_with_odd_strides(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("case", [dict(key_offset=16.0), dict(key_offset=64.0), dict(q_k_scale=7.5),
                                   dict(value_offset=16.0), dict(value_offset=64.0)])
-@pytest.mark.parametrize("tma, row_sums", [(False, False), (True, False), (False, True)])
-def test_kernel_interpreter_fp16_offsets_and_large_logits(case, tma, row_sums, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True])
+def test_kernel_interpreter_fp16_offsets_and_large_logits(case, tma, monkeypatch):
     # Issue 13 (2): a key offset shared by all keys (or large logits) adds to t_s a part common
     # to all keys, cancelled only after rounding; before the fix t_o's error grew 10-40x. A value
     # offset shared by all values did the same through the 16-bit p~ (t_s - c) summing to r != 0
     # (9x and 34x at +16 and +64 before the value sums).
     monkeypatch.setattr(A, "INTERPRET_ON_CPU", True)
     xs = random_qkv(1, 2, 128, 128, 64, torch.float16, **case)
-    o, t_o = A.attention_jvp_triton(*xs, config=A.Config(64, 64, 4, 2, row_sums=row_sums), tma=tma)
+    o, t_o = A.attention_jvp_triton(*xs, config=(64, 64, 4, 2), tma=tma)
     ref_o, ref_t = reference_jvp(*xs)
     float32_o, float32_t = float32_rounded_jvp(*xs)
     assert rel_err(o, ref_o) <= ERROR_RATIO_MAX * rel_err(float32_o, ref_o)
@@ -414,7 +414,7 @@ def test_kernel_compiles_with_a_float64_scale():
         from scaled import attention as A
         kernel = A._attention_jvp_kernel
         constants = dict(D=72, D0=64, D1=16, MASK_D0=False, MASK_D1=True, ALIGN=8, BLOCK_M=64,
-                         BLOCK_N=32, MASK_M=True, MASK_N=True, INPUT_PRECISION="tf32", ROW_SUMS=False)
+                         BLOCK_N=32, MASK_M=True, MASK_N=True, INPUT_PRECISION="tf32")
         descriptors = {name + chunk: f"tensordesc<bf16[1,1,32,{width}]>"  # TMA loads of the key side
                        for name in ("K", "TK", "V", "TV") for chunk, width in (("D0", 64), ("D1", 16))}
         signature = {name: "constexpr" if name in constants else "fp64" if name == "scale"
