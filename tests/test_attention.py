@@ -211,8 +211,9 @@ def test_every_table_entry_fits_its_architecture(arch, elem_bytes):
 
 
 def test_config_choice_under_torch_compile_is_a_pointer_load_constant(monkeypatch):
-    # Under torch.compile the configuration is traced as a constant (Dynamo failed on a NamedTuple
-    # there), and it is the first one without TMA: a traced call takes pointer loads.
+    # Under torch.compile the configuration is traced as a constant, the first one without TMA:
+    # a traced call takes pointer loads. (torch 2.11's Dynamo failed on a NamedTuple here, which
+    # this test does not catch on a newer torch; the GPU compile test does.)
     props = types.SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.delenv("SCALED_ATTENTION_ARCH", raising=False)
