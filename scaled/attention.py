@@ -396,7 +396,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     elif not q.is_cuda:  # the interpreter runs any configuration
         launch(Config(32, 32, 4, 1))
     elif torch.compiler.is_compiling():  # Inductor compiles the kernel later; the estimate fits
-        launch(_first_candidate(q.device.index or 0, q.dtype, D))  # (pointer loads: see tma_usable)
+        launch(_first_candidate(q.device.index or 0, q.dtype, D))
     else:
         first_that_launches(config_candidates(*device_arch(q.device), D, q.dtype), (q.device, q.dtype, D), launch)
     return tuple(out)
@@ -404,14 +404,14 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
 
 @torch.compiler.assume_constant_result  # evaluated while torch.compile traces, a constant after
 def _first_candidate(index, dtype, D):
-    return tuple(next(c for c in config_candidates(*_device_arch(index), D, dtype) if not c.tma))
+    return tuple(config_candidates(*_device_arch(index), D, dtype)[0])  # (torch 2.11 traces no NamedTuple here)
 
 
 def tma_usable(*xs):
     """Whether the key-side tensors can be read by TMA (Hopper and later): descriptors need
-    16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads, and so
-    does a call that torch.compile traces (host descriptors under Inductor are untried here)."""
-    return (TensorDescriptor is not None and xs[0].is_cuda and not torch.compiler.is_compiling()
+    16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads.
+    (Inductor takes the host descriptors too: compiled tangents equal eager's, GPU test.)"""
+    return (TensorDescriptor is not None and xs[0].is_cuda
             and torch.cuda.get_device_capability(xs[0].device)[0] >= 9
             and all(x.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3])
                     for x in xs))

@@ -210,18 +210,17 @@ def test_every_table_entry_fits_its_architecture(arch, elem_bytes):
         assert estimates[-1] == min(estimates) <= 99 * 1024  # the last fallback fits sm86/sm89
 
 
-def test_config_choice_under_torch_compile_is_a_pointer_load_constant(monkeypatch):
-    # Under torch.compile the configuration is traced as a constant, the first one without TMA:
-    # a traced call takes pointer loads. (torch 2.11's Dynamo failed on a NamedTuple here, which
-    # this test does not catch on a newer torch; the GPU compile test does.)
+def test_config_choice_under_torch_compile_is_the_tables_first(monkeypatch):
+    # Under torch.compile the configuration is traced as a constant: the table's first entry, as
+    # in eager mode. (torch 2.11's Dynamo failed on a NamedTuple here, which this test does not
+    # catch on a newer torch; the GPU compile test does.)
     props = types.SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.delenv("SCALED_ATTENTION_ARCH", raising=False)
     torch._dynamo.reset()
     traced = torch.compile(lambda x: x + A.Config(*A._first_candidate(0, torch.bfloat16, 64)).block_n,
                            fullgraph=True, backend="eager")
-    expected = next(c for c in A.CONFIGS["sm90", 2][64] if not c.tma)
-    assert A.CONFIGS["sm90", 2][64][0].tma and traced(torch.zeros(1)).item() == expected.block_n
+    assert traced(torch.zeros(1)).item() == A.CONFIGS["sm90", 2][64][0].block_n
 
 
 @pytest.mark.parametrize("major, minor, optin, arch", [
@@ -503,6 +502,21 @@ def test_kernel_gpu_torch_compile_matches_eager(where, monkeypatch):
             y_c, t_y_c = torch.compile(lambda x, t_x: torch.func.jvp(block, (x,), (t_x,)))(x, t_x)
     torch.testing.assert_close(y_c, y, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(t_y_c, t_y, atol=1e-4, rtol=1e-4)
+
+
+@needs_gpu
+def test_kernel_gpu_torch_compile_with_tma_equals_eager(monkeypatch):
+    # A TMA configuration (bf16, D = 64 on Hopper) under torch.compile: Inductor launches the
+    # kernel with the host descriptors, the same configuration as eager, so the same bits.
+    if not A.config_candidates(*A.device_arch("cuda"), 64, torch.bfloat16)[0].tma:
+        pytest.skip("this GPU's table has no TMA configuration")
+    torch._dynamo.reset()
+    xs = random_qkv(2, 4, 512, 512, 64, torch.bfloat16, "cuda")
+    forbid_math_path(monkeypatch)
+    with torch.no_grad():
+        o, t_o = torch.func.jvp(A.attention, tuple(xs[:3]), tuple(xs[3:]))
+        o_c, t_o_c = torch.compile(lambda *x: torch.func.jvp(A.attention, x[:3], x[3:]))(*xs)
+    assert torch.equal(o_c, o) and torch.equal(t_o_c, t_o)
 
 
 @needs_gpu
