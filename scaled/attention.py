@@ -22,9 +22,9 @@ Why the centre: the product p~ (t_s - c) v runs on 16-bit operands. A key offset
 keys (k + a, t_k + a), or large logits, give t_s a part that is (nearly) the same for every key;
 rounded to 16 bits before the product and cancelled only at the end, it multiplied t_o's error
 (issue 13). The value sums: the 16-bit p~ (t_s - c) still sum to a small r != 0, and an offset
-shared by all values (v + a) turns that into an error a r / l in t_o (bf16, a = 16: 13x the
-error of SDPA's math path). The same products with a chunk of ones for v give r and the sum lr of the
-16-bit p~, and t_o -= (r / lr) o removes it exactly.
+shared by all values (v + a, a qkv bias say) turns that into an error a r / l in t_o (bf16,
+a = 16: 13x the error of SDPA's math path). The same products with a chunk of ones for v give r
+and the sum lr of the 16-bit p~, and t_o -= (r / lr) o removes it exactly.
 """
 import os
 from typing import NamedTuple
@@ -131,14 +131,17 @@ if triton is not None:
         -inf past Lk."""
         offs_n = start_n + offs_n0
         k0 = _key_tile(K, KD0, b32, h32, start_n, offs_n, 0, offs_d0, skn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
-        tk0 = _key_tile(TK, TKD0, b32, h32, start_n, offs_n, 0, offs_d0, stkn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+        tk0 = _key_tile(TK, TKD0, b32, h32, start_n, offs_n, 0, offs_d0, stkn, Lk, D, MASK_N, MASK_D0, BLOCK_N,
+                        D0)
         kT0 = tl.trans(k0)
         s = tl.dot(q0, kT0, input_precision=INPUT_PRECISION)                # [BLOCK_M, BLOCK_N]
         t_s = tl.dot(tq0, kT0, input_precision=INPUT_PRECISION)
         t_s = tl.dot(q0, tl.trans(tk0), t_s, input_precision=INPUT_PRECISION)
         if D1 > 0:
-            k1 = _key_tile(K, KD1, b32, h32, start_n, offs_n, D0, offs_d1, skn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
-            tk1 = _key_tile(TK, TKD1, b32, h32, start_n, offs_n, D0, offs_d1, stkn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
+            k1 = _key_tile(K, KD1, b32, h32, start_n, offs_n, D0, offs_d1, skn, Lk, D, MASK_N, MASK_D1, BLOCK_N,
+                           D1)
+            tk1 = _key_tile(TK, TKD1, b32, h32, start_n, offs_n, D0, offs_d1, stkn, Lk, D, MASK_N, MASK_D1, BLOCK_N,
+                            D1)
             kT1 = tl.trans(k1)
             s = tl.dot(q1, kT1, s, input_precision=INPUT_PRECISION)
             t_s = tl.dot(tq1, kT1, t_s, input_precision=INPUT_PRECISION)
@@ -235,14 +238,18 @@ if triton is not None:
             p_lo = p.to(dtype)
             p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
             acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, alpha, delta, ones, None, INPUT_PRECISION)
-            v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
-            t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0, BLOCK_N, D0)
+            v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N,
+                           D0)
+            t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0,
+                             BLOCK_N, D0)
             acc_o0, acc_t0 = _accumulate(acc_o0, acc_t0, p_lo, p_ts_lo, alpha, delta, v0, t_v0, INPUT_PRECISION)
             if D1 > 0:
-                v1 = _key_tile(V, VD1, b32, h32, start_n, offs_n, D0, offs_d1, svn, Lk, D, MASK_N, MASK_D1, BLOCK_N, D1)
+                v1 = _key_tile(V, VD1, b32, h32, start_n, offs_n, D0, offs_d1, svn, Lk, D, MASK_N, MASK_D1,
+                               BLOCK_N, D1)
                 t_v1 = _key_tile(TV, TVD1, b32, h32, start_n, offs_n, D0, offs_d1, stvn, Lk, D, MASK_N, MASK_D1,
                                  BLOCK_N, D1)
-                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1, INPUT_PRECISION)
+                acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1,
+                                             INPUT_PRECISION)
 
         # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term. But the 16-bit
         # p~ (t_s - c) that entered the products sum to r, not 0: r / lr acc_o more in acc_t,
@@ -290,7 +297,7 @@ class Config(NamedTuple):
 
 
 SHARED_MEMORY_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (opt-in): A100, H100
-TMA = True
+TMA = True  # an entry (..., TMA) reads k, t_k, v, t_v by TMA
 
 CONFIGS = {
     ("sm90", 2): {
@@ -325,8 +332,9 @@ def shared_memory_estimate(config, Dp, elem_bytes):
     for the barriers of TMA loads. Triton 3.6 reports that less the 1 KB for the compiled kernel
     on sm90 (56-64 bytes more with TMA), less on sm80 (benchmarks/attention_jvp.py --configs
     and --sweep), except BLOCK_M = 64 with 8 warps, 4 KB more on sm90: no table entry has that."""
-    config = Config(*config)
-    return ((4 * config.num_stages * config.block_n + 2 * config.block_m) * Dp + 16 * config.block_n) * elem_bytes + 1024
+    c = Config(*config)
+    tiles = (4 * c.num_stages * c.block_n + 2 * c.block_m) * Dp + 16 * c.block_n
+    return tiles * elem_bytes + 1024
 
 
 def device_arch(device):
@@ -413,8 +421,8 @@ def tma_usable(*xs):
     (Inductor takes the host descriptors too: compiled tangents equal eager's, GPU test.)"""
     return (TensorDescriptor is not None and xs[0].is_cuda
             and torch.cuda.get_device_capability(xs[0].device)[0] >= 9
-            and all(x.data_ptr() % 16 == 0 and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3])
-                    for x in xs))
+            and all(x.data_ptr() % 16 == 0
+                    and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3]) for x in xs))
 
 
 def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None):
