@@ -3,7 +3,8 @@
 Modes (bf16, H = 16 heads, B chosen so that each tensor holds --elements elements):
   (default)    timing rows for each L in --lengths and D in --dims
   --accuracy   errors against float64 with shared key/value offsets and large logits
-  --sweep      block configurations per head dim, the A100 (sm80) table's among them
+  --sweep      configurations per head dim, on Hopper with and without TMA, the A100 (sm80)
+               table's among them (--no-sm80: without)
   --configs    compile every table entry for sm80 and sm90 (no GPU needed): Triton's shared
                memory and ptxas' registers and spills, against the estimate
   --precompile N  compile the kernels the other modes use, in N processes (fills Triton's cache)
