@@ -294,7 +294,7 @@ def sweep_cases(dims, extra_dims):
     """(D, Config) the sweep times: the sm90 and sm80 tables' entries but their last resort
     (32, 32, 4, 1), and for extra_dims a few more, all that fit an H100; on Hopper each sm90 and
     extra one with and without TMA (the A100 table's without: an A100 has no TMA)."""
-    has_tma = A.TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
+    has_tma = A.has_tma()
     cases = []
     for D in dims:
         Dp = sum(A.head_dim_split(D))
@@ -393,10 +393,10 @@ def compile_for(capability, D, config, L=4096, H=16):
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         value = None
-        width = D0 if name.endswith("D0") else D1
         if name in constants:
             signature[name] = "constexpr"
         elif name in DESCRIPTORS:
+            width = D0 if name.endswith("D0") else D1
             if tma and width:
                 signature[name] = f"tensordesc<bf16[1,1,{BLOCK_N},{width}]>"
             else:

@@ -415,12 +415,16 @@ def _first_candidate(index, dtype, D):
     return tuple(config_candidates(*_device_arch(index), D, dtype)[0])  # (torch 2.11 traces no NamedTuple here)
 
 
+def has_tma(device=None):
+    """Whether this Triton and this CUDA device can load by TMA (Hopper and later)."""
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def tma_usable(*xs):
-    """Whether the key-side tensors can be read by TMA (Hopper and later): descriptors need
-    16-byte aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads.
+    """Whether the key-side tensors can be read by TMA (`has_tma`): descriptors need 16-byte
+    aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads.
     (Inductor takes the host descriptors too: compiled tangents equal eager's, GPU test.)"""
-    return (TensorDescriptor is not None and xs[0].is_cuda
-            and torch.cuda.get_device_capability(xs[0].device)[0] >= 9
+    return (xs[0].is_cuda and has_tma(xs[0].device)
             and all(x.data_ptr() % 16 == 0
                     and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3]) for x in xs))
 

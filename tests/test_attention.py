@@ -550,7 +550,7 @@ def test_kernel_gpu_sm80_table_fits_and_agrees(D):
     Dp = sum(A.head_dim_split(D))
     for config in A.CONFIGS["sm80", 2][Dp]:
         out = poisoned(1, 4, 384, D, torch.bfloat16, "cuda")
-        kernel = A._launch(*xs, *out, config, tma=False)  # an A100 has no TMA
+        kernel = A._launch(*xs, *out, config)
         assert kernel.metadata.shared <= A.SHARED_MEMORY_LIMIT["sm80"], (config, kernel.metadata.shared)
         assert kernel.metadata.shared <= A.shared_memory_estimate(config, Dp, 2), config
         torch.testing.assert_close(out[0], o, atol=2e-2, rtol=2e-2)
