@@ -12,19 +12,21 @@ Tangent equations (sCM v2, App. F), with scale = 1/sqrt(D):
   s   = q k^T scale                 p = softmax(s)           o = p v
   t_s = (t_q k^T + q t_k^T) scale   t_p = p (t_s - sum_j p_j t_s_j)
   t_o = t_p v + p t_v = p ((t_s - c) v + t_v) - (sum_j p_j (t_s_j - c)) o   for any row constant c
-One pass over key blocks keeps, per query row, the running max m, the normalizer l = sum p~,
-a centre c, acc_o = sum p~ v and acc_t = sum p~ ((t_s - c) v + t_v), all rescaled by
-exp(m_old - m_new) like the flash forward; c moves each block to the p-weighted mean of t_s
-seen so far (acc_t -= delta acc_o follows it exactly), so sum p~ (t_s - c) = 0 and at the end
-o = acc_o / l and t_o = acc_t / l.
+One pass over key blocks keeps, per query row, the running max m, a centre c,
+acc_o = sum p~ v and acc_t = sum p~ ((t_s - c) v + t_v), both rescaled by exp(m_old - m_new)
+like the flash forward. Each block moves c to its own p-weighted mean of t_s (acc_t -=
+delta acc_o follows the move exactly). The same products with value columns of ones (and
+t_v = 0) give the sums lr of the 16-bit p~ and r of the 16-bit p~ (t_s - c) that entered them,
+and at the end o = acc_o / lr and t_o = (acc_t - r o) / lr: the equation above, with the sums
+of exactly what was rounded and multiplied.
 
 Why the centre: the product p~ (t_s - c) v runs on 16-bit operands. A key offset shared by all
 keys (k + a, t_k + a), or large logits, give t_s a part that is (nearly) the same for every key;
 rounded to 16 bits before the product and cancelled only at the end, it multiplied t_o's error
-(issue 13). The value sums: the 16-bit p~ (t_s - c) still sum to a small r != 0, and an offset
-shared by all values (v + a, a qkv bias say) turns that into an error a r / l in t_o (bf16,
-a = 16: 13x the error of SDPA's math path). The same products with a chunk of ones for v give r
-and the sum lr of the 16-bit p~, and t_o -= (r / lr) o removes it exactly.
+(issue 13). Centring each block on its own mean keeps the rounded values small. Why the sums of
+the rounded values: an offset shared by all values (v + a, a qkv bias say) puts a r into acc_t;
+a sum r of the unrounded values would leave a times their difference in t_o (bf16, a = 16: 13x
+the error of SDPA's math path), the sum of the rounded ones removes it exactly.
 """
 import os
 from typing import NamedTuple
@@ -215,13 +217,15 @@ if triton is not None:
 
         qk_scale = scale * 1.4426950408889634                     # exp(x) = exp2(x log2 e)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)       # running max of s log2 e
-        l_i = tl.zeros([BLOCK_M], tl.float32)                     # sum p~
         c_i = tl.zeros([BLOCK_M], tl.float32)                     # centre c of t_s
-        # acc_o and acc_t of a value chunk of ones (and t_v = 0): in each column, the sums lr of
-        # the 16-bit p~ and r of the 16-bit p~ (t_s - c) that entered the products.
-        ones = tl.full([BLOCK_N, 16], 1.0, dtype)
-        acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
-        acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
+        # The value sums: acc_o and acc_t of value columns of ones (and t_v = 0) are, in each
+        # such column, lr and r. The zero padding of a tail chunk serves (72 = 64 + 8 -> 16);
+        # without one, a [BLOCK_N, 16] chunk of ones takes its own products.
+        ONES_IN_TAIL: tl.constexpr = D1 > 0 and MASK_D1
+        if not ONES_IN_TAIL:
+            ones = tl.full([BLOCK_N, 16], 1.0, dtype)
+            acc_lr = tl.zeros([BLOCK_M, 16], tl.float32)
+            acc_r = tl.zeros([BLOCK_M, 16], tl.float32)
 
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + offs_n0
@@ -231,13 +235,15 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             m_i = m_new
             p = tl.exp2(s * qk_scale - m_i[:, None])                          # p~ = exp(s - m); 0 on masked columns
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p_ts = p * (t_s * scale - c_i[:, None])                           # p~ (t_s - c_old)
-            delta = tl.sum(p_ts, 1) / l_i                                     # c_new - c_old: the new p-weighted mean
-            c_i += delta
+            # c moves to this block's p-weighted mean of t_s (stays where all its p~ underflowed)
+            l_block = tl.sum(p, 1)
+            c_new = tl.where(l_block > 0, tl.sum(p * t_s, 1) * scale / l_block, c_i)
+            delta = c_new - c_i
+            c_i = c_new
             p_lo = p.to(dtype)
-            p_ts_lo = (p_ts - p * delta[:, None]).to(dtype)                   # p~ (t_s - c_new)
-            acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, alpha, delta, ones, None, INPUT_PRECISION)
+            p_ts_lo = (p * (t_s * scale - c_i[:, None])).to(dtype)           # p~ (t_s - c)
+            if not ONES_IN_TAIL:
+                acc_lr, acc_r = _accumulate(acc_lr, acc_r, p_lo, p_ts_lo, alpha, delta, ones, None, INPUT_PRECISION)
             v0 = _key_tile(V, VD0, b32, h32, start_n, offs_n, 0, offs_d0, svn, Lk, D, MASK_N, MASK_D0, BLOCK_N,
                            D0)
             t_v0 = _key_tile(TV, TVD0, b32, h32, start_n, offs_n, 0, offs_d0, stvn, Lk, D, MASK_N, MASK_D0,
@@ -246,24 +252,30 @@ if triton is not None:
             if D1 > 0:
                 v1 = _key_tile(V, VD1, b32, h32, start_n, offs_n, D0, offs_d1, svn, Lk, D, MASK_N, MASK_D1,
                                BLOCK_N, D1)
+                if ONES_IN_TAIL:
+                    v1 = tl.where(offs_d1[None, :] < D, v1, 1.0).to(dtype)
                 t_v1 = _key_tile(TV, TVD1, b32, h32, start_n, offs_n, D0, offs_d1, stvn, Lk, D, MASK_N, MASK_D1,
                                  BLOCK_N, D1)
                 acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1,
                                              INPUT_PRECISION)
 
-        # sum p~ (t_s - c) = 0 by the choice of c: t_o = acc_t / l, no o term. But the 16-bit
-        # p~ (t_s - c) that entered the products sum to r, not 0: r / lr acc_o more in acc_t,
-        # which an offset shared by all values (v + a) makes large against t_o (issue 13).
-        o0 = acc_o0 / l_i[:, None]
-        t_o0 = acc_t0 / l_i[:, None]
-        r_i = tl.sum(acc_r, 1) / tl.sum(acc_lr, 1)
-        t_o0 -= r_i[:, None] * o0
+        # o = acc_o / lr, normalized by the 16-bit p~ that entered it. The 16-bit p~ (t_s - c)
+        # that entered acc_t sum to r, not to sum p~ (t_s - c) = 0 for each block's c: hence
+        # t_o = (acc_t - r o) / lr, which also removes exactly what an offset shared by all
+        # values (v + a) put into acc_t through r (issue 13).
+        if ONES_IN_TAIL:  # equal columns; max is exact
+            lr = tl.max(tl.where(offs_d1[None, :] < D, float("-inf"), acc_o1), 1)
+            r = tl.max(tl.where(offs_d1[None, :] < D, float("-inf"), acc_t1), 1)
+        else:
+            lr = tl.max(acc_lr, 1)  # 16 equal columns
+            r = tl.max(acc_r, 1)
+        o0 = acc_o0 / lr[:, None]
+        t_o0 = (acc_t0 - r[:, None] * o0) / lr[:, None]
         _store_tile(O, o0, offs_m, offs_d0, som, Lq, D, MASK_M, MASK_D0)
         _store_tile(TO, t_o0, offs_m, offs_d0, stom, Lq, D, MASK_M, MASK_D0)
         if D1 > 0:
-            o1 = acc_o1 / l_i[:, None]
-            t_o1 = acc_t1 / l_i[:, None]
-            t_o1 -= r_i[:, None] * o1
+            o1 = acc_o1 / lr[:, None]
+            t_o1 = (acc_t1 - r[:, None] * o1) / lr[:, None]
             _store_tile(O, o1, offs_m, offs_d1, som, Lq, D, MASK_M, MASK_D1)
             _store_tile(TO, t_o1, offs_m, offs_d1, stom, Lq, D, MASK_M, MASK_D1)
 
