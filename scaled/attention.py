@@ -434,8 +434,7 @@ def has_tma(device=None):
 
 def tma_usable(*xs):
     """Whether the key-side tensors can be read by TMA (`has_tma`): descriptors need 16-byte
-    aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads.
-    (Inductor takes the host descriptors too: compiled tangents equal eager's, GPU test.)"""
+    aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads."""
     return (xs[0].is_cuda and has_tma(xs[0].device)
             and all(x.data_ptr() % 16 == 0
                     and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3]) for x in xs))
@@ -453,11 +452,9 @@ def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None):
         tma = config_tma and tma_usable(k, t_k, v, t_v)
     descriptors = [None] * 8
     if tma:
-        descriptors[:4] = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, BLOCK_N, D0])
-                           for x in (k, t_k, v, t_v)]
+        descriptors[:4] = [TensorDescriptor.from_tensor(x, [1, 1, BLOCK_N, D0]) for x in (k, t_k, v, t_v)]
         if D1 > 0:
-            descriptors[4:] = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, BLOCK_N, D1])
-                               for x in (k, t_k, v, t_v)]
+            descriptors[4:] = [TensorDescriptor.from_tensor(x, [1, 1, BLOCK_N, D1]) for x in (k, t_k, v, t_v)]
     if q.dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpret else "ieee"
     else:
@@ -509,6 +506,8 @@ class _AttentionJVP(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         t_o, *inputs = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # nothing can differentiate t_o: spare the second Function's cost
+            return t_o, None
         return _AttentionTangent.apply(t_o, *inputs), None
 
     @staticmethod

@@ -506,8 +506,9 @@ def test_kernel_gpu_torch_compile_matches_eager(where, monkeypatch):
 
 @needs_gpu
 def test_kernel_gpu_torch_compile_with_tma_equals_eager(monkeypatch):
-    # A TMA configuration (bf16, D = 64 on Hopper) under torch.compile: Inductor launches the
-    # kernel with the host descriptors, the same configuration as eager, so the same bits.
+    # A TMA configuration (bf16, D = 64 on Hopper) under torch.compile: the same configuration
+    # as eager, so the same bits. (Dynamo breaks the graph at tma_usable's data_ptr, and the
+    # launch runs outside the compiled graph.)
     if not A.config_candidates(*A.device_arch("cuda"), 64, torch.bfloat16)[0].tma:
         pytest.skip("this GPU's table has no TMA configuration")
     torch._dynamo.reset()
