@@ -259,10 +259,11 @@ if triton is not None:
                 acc_o1, acc_t1 = _accumulate(acc_o1, acc_t1, p_lo, p_ts_lo, alpha, delta, v1, t_v1,
                                              INPUT_PRECISION)
 
-        # o = acc_o / lr, normalized by the 16-bit p~ that entered it. The 16-bit p~ (t_s - c)
-        # that entered acc_t sum to r, not to sum p~ (t_s - c) = 0 for each block's c: hence
-        # t_o = (acc_t - r o) / lr, which also removes exactly what an offset shared by all
-        # values (v + a) put into acc_t through r (issue 13).
+        # o = acc_o / lr, normalized by the 16-bit p~ that entered it. acc_t is relative to the
+        # last block's c, about which the p~ (t_s - c) of all blocks do not sum to 0; r is that
+        # sum over the 16-bit values that entered acc_t, hence t_o = (acc_t - r o) / lr. Being
+        # their exact sum, it also removes what an offset shared by all values (v + a) put into
+        # acc_t through them (issue 13).
         if ONES_IN_TAIL:  # equal columns; max is exact
             lr = tl.max(tl.where(offs_d1[None, :] < D, float("-inf"), acc_o1), 1)
             r = tl.max(tl.where(offs_d1[None, :] < D, float("-inf"), acc_t1), 1)
