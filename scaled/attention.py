@@ -29,11 +29,14 @@ a sum r of the unrounded values would leave a times their difference in t_o (bf1
 the error of SDPA's math path), the sum of the rounded ones removes it exactly.
 """
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+
+from scaled import attention_hopper
 
 try:
     import triton
@@ -377,6 +380,7 @@ def config_candidates(arch, limit, D, dtype):
 
 
 _FAILED_CONFIGS = set()  # (case, config) that did not compile or launch here
+_FAILED_HOPPER = set()   # (device, dtype) where the Gluon kernel did not compile or launch
 
 
 def first_that_launches(candidates, case, launch):
@@ -399,6 +403,9 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     a tangent may be None (zero). `out` optionally gives the (o, t_o) tensors to write;
     `config` (a `Config` or its fields) overrides the device's table; `tma` forces TMA loads of
     k, t_k, v, t_v on or off (default: as the configuration says, where `tma_usable`).
+    On Hopper at D = 64 the warp-specialized Gluon kernel of `scaled.attention_hopper` runs
+    instead, where it can (`attention_hopper.usable`), neither `config` nor `tma` is given, and
+    torch.compile is not tracing (Dynamo cannot trace a Gluon launch; trying cost 2.4 ms a call).
     CPU tensors run in Triton's interpreter.
     """
     B, H, Lq, D = q.shape
@@ -409,6 +416,14 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
                      for x, t in ((q, t_q), (k, t_k), (v, t_v)))
     q, k, v, t_q, t_k, t_v = (x if x.stride(-1) == 1 else x.contiguous()
                               for x in (q, k, v, t_q, t_k, t_v))
+    if (config is None and tma is None and not torch.compiler.is_compiling()
+            and (q.device, q.dtype) not in _FAILED_HOPPER and attention_hopper.usable(q, k, v, t_q, t_k, t_v, out)):
+        try:
+            return attention_hopper.attention_jvp(q, k, v, t_q, t_k, t_v, out)
+        except Exception as e:  # Gluon is experimental: a Triton whose Gluon differs takes the Triton kernel
+            _FAILED_HOPPER.add((q.device, q.dtype))
+            warnings.warn(f"scaled.attention: the Gluon kernel failed ({type(e).__name__}: {e}); "
+                          "using the Triton kernel")
     if out is None:
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
     launch = lambda config: _launch(q, k, v, t_q, t_k, t_v, *out, config, tma)

@@ -40,6 +40,14 @@ CLOSE_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol
 ERROR_RATIO_MAX = 1.5
 
 
+def error_ratio_max(case):
+    """ERROR_RATIO_MAX, but 2 for q, k x 7.5 (rows nearly one-hot): there the ratio has a tail
+    over fresh seeds (fp16 interpreter, 2 heads x 128 rows: mean 1.2, above 1.5 for 1 of 200
+    seeds with the v7 kernel and 8 of 200 with v8, at most 1.59), while the defect this guards
+    against gave 10-40x. The benchmark reports the bf16 ratio at scale (1.07-1.09 at x3, x5)."""
+    return 2.0 if case.get("q_k_scale", 0) > 5 else ERROR_RATIO_MAX
+
+
 def fresh_seed():
     """A new seed each run (printed, so that a failure can be replayed); global RNG untouched."""
     seed = int.from_bytes(os.urandom(4), "little")
@@ -321,8 +329,30 @@ def test_kernel_interpreter_fp16_offsets_and_large_logits(case, tma, D, monkeypa
     o, t_o = A.attention_jvp_triton(*xs, config=(64, 64, 4, 2), tma=tma)
     ref_o, ref_t = reference_jvp(*xs)
     float32_o, float32_t = float32_rounded_jvp(*xs)
-    assert rel_err(o, ref_o) <= ERROR_RATIO_MAX * rel_err(float32_o, ref_o)
-    assert rel_err(t_o, ref_t) <= ERROR_RATIO_MAX * rel_err(float32_t, ref_t)
+    assert rel_err(o, ref_o) <= error_ratio_max(case) * rel_err(float32_o, ref_o)
+    assert rel_err(t_o, ref_t) <= error_ratio_max(case) * rel_err(float32_t, ref_t)
+
+
+@needs_triton
+def test_a_gluon_kernel_that_fails_falls_back_to_the_triton_kernel(monkeypatch):
+    # Gluon is experimental: where its kernel does not compile (another Triton), the Triton
+    # kernel answers, with a warning, and the failure is remembered.
+    monkeypatch.setattr(A, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(A, "_FAILED_HOPPER", set())
+    calls = []
+
+    def fail(*args):
+        calls.append(1)
+        raise TypeError("an API this Triton does not have")
+    monkeypatch.setattr(A.attention_hopper, "usable", lambda *args: True)
+    monkeypatch.setattr(A.attention_hopper, "attention_jvp", fail)
+    xs = random_qkv(1, 2, 40, 64, 64)
+    with pytest.warns(UserWarning, match="Gluon kernel failed"):
+        o, t_o = A.attention_jvp_triton(*xs)
+    A.attention_jvp_triton(*xs)
+    assert calls == [1]
+    ref_o, ref_t = reference_jvp(*xs)
+    assert rel_err(o, ref_o) < REL_TOL[torch.float32] and rel_err(t_o, ref_t) < REL_TOL[torch.float32]
 
 
 @needs_triton
@@ -462,14 +492,17 @@ def test_kernel_gpu_matches_float64_reference(B, H, Lq, Lk, D, dtype):
 @pytest.mark.parametrize("D", [64, 72, 128])
 @pytest.mark.parametrize("case", [dict(), dict(key_offset=16.0), dict(key_offset=64.0), dict(q_k_scale=7.5),
                                   dict(value_offset=16.0), dict(value_offset=64.0)])
-def test_kernel_gpu_bf16_error_within_float32_math(D, case):
+@pytest.mark.parametrize("kernel", ["default", "triton"])
+def test_kernel_gpu_bf16_error_within_float32_math(D, case, kernel):
     # Issue 13 (2): against the error of a float32 computation rounded once to bf16 (SDPA-math).
+    # "default" is the Gluon kernel at D = 64 on Hopper; a configuration forces the Triton one.
     xs = random_qkv(2, 4, 512, 512, D, torch.bfloat16, "cuda", **case)
-    o, t_o = A.attention_jvp_triton(*xs)
+    config = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0] if kernel == "triton" else None
+    o, t_o = A.attention_jvp_triton(*xs, config=config)
     ref_o, ref_t = reference_jvp(*xs)
     float32_o, float32_t = float32_rounded_jvp(*xs)
-    assert rel_err(o, ref_o) <= ERROR_RATIO_MAX * rel_err(float32_o, ref_o)
-    assert rel_err(t_o, ref_t) <= ERROR_RATIO_MAX * rel_err(float32_t, ref_t)
+    assert rel_err(o, ref_o) <= error_ratio_max(case) * rel_err(float32_o, ref_o)
+    assert rel_err(t_o, ref_t) <= error_ratio_max(case) * rel_err(float32_t, ref_t)
 
 
 @needs_gpu
@@ -507,16 +540,18 @@ def test_kernel_gpu_torch_compile_matches_eager(where, monkeypatch):
 
 @needs_gpu
 def test_kernel_gpu_torch_compile_with_tma_equals_eager(monkeypatch):
-    # A TMA configuration (bf16, D = 64 on Hopper) under torch.compile: the same configuration
-    # as eager, so the same bits. (Dynamo breaks the graph at tma_usable's data_ptr, and the
-    # launch runs outside the compiled graph.)
-    if not A.config_candidates(*A.device_arch("cuda"), 64, torch.bfloat16)[0].tma:
+    # A TMA configuration (bf16, D = 64 on Hopper) under torch.compile: the table's first
+    # configuration, as eager with that configuration, so the same bits. (Dynamo breaks the graph
+    # at tma_usable's data_ptr, and the launch runs outside the compiled graph. Under
+    # torch.compile the Triton kernel runs where eager would take the Gluon one.)
+    config = A.config_candidates(*A.device_arch("cuda"), 64, torch.bfloat16)[0]
+    if not config.tma:
         pytest.skip("this GPU's table has no TMA configuration")
     torch._dynamo.reset()
     xs = random_qkv(2, 4, 512, 512, 64, torch.bfloat16, "cuda")
     forbid_math_path(monkeypatch)
     with torch.no_grad():
-        o, t_o = torch.func.jvp(A.attention, tuple(xs[:3]), tuple(xs[3:]))
+        o, t_o = A.attention_jvp_triton(*xs, config=config)
         o_c, t_o_c = torch.compile(lambda *x: torch.func.jvp(A.attention, x[:3], x[3:]))(*xs)
     assert torch.equal(o_c, o) and torch.equal(t_o_c, t_o)
 
@@ -570,3 +605,56 @@ def test_kernel_gpu_many_heads_beyond_one_grid_axis_limit():
     ref_o, ref_t = reference_jvp(*(x[sample] for x in xs))
     assert rel_err(o[sample], ref_o) < REL_TOL[torch.float16]
     assert rel_err(t_o[sample], ref_t) < REL_TOL[torch.float16]
+
+
+#----------------------------------------------------------------------------
+# The Gluon kernel for Hopper at D = 64 (scaled/attention_hopper.py; no CPU interpreter).
+
+needs_hopper = pytest.mark.skipif(
+    not (HAS_TRITON and HAS_CUDA and A.attention_hopper.gluon is not None
+         and torch.cuda.get_device_capability()[0] == 9), reason="needs Gluon and a Hopper GPU")
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, Lq, Lk, case", [
+    (2, 3, 256, 256, dict()),
+    (1, 2, 200, 320, dict()),                # Lq not a multiple of the 128-row tile: masked stores
+    (1, 1, 64, 64, dict()),                  # one key block, the second warpgroup's rows all past Lq
+    (2, 2, 1000, 512, dict(key_offset=64.0)),
+    (1, 2, 384, 448, dict(q_k_scale=7.5)),
+    (1, 2, 256, 256, dict(value_offset=64.0)),
+])
+def test_hopper_kernel_within_float32_math(B, H, Lq, Lk, case, dtype):
+    xs = random_qkv(B, H, Lq, Lk, 64, dtype, "cuda", **case)
+    assert A.attention_hopper.usable(*xs)
+    out = poisoned(B, H, Lq, 64, dtype, "cuda")
+    o, t_o = A.attention_hopper.attention_jvp(*xs, out=out)
+    assert o is out[0] and t_o is out[1]
+    ref_o, ref_t = reference_jvp(*xs)
+    float32_o, float32_t = float32_rounded_jvp(*xs)
+    assert rel_err(o, ref_o) <= error_ratio_max(case) * rel_err(float32_o, ref_o)
+    assert rel_err(t_o, ref_t) <= error_ratio_max(case) * rel_err(float32_t, ref_t)
+
+
+@needs_hopper
+def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch):
+    # q, k, v as a network makes them (a qkv projection split into heads): 4-D TMA descriptors
+    # read them in place. The default path picks this kernel where `usable` allows.
+    B, L, H, D = 2, 256, 4, 64
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed())
+    qkv, t_qkv = (torch.randn(B, L, 3, H, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    xs = [*qkv.permute(2, 0, 3, 1, 4).unbind(0), *t_qkv.permute(2, 0, 3, 1, 4).unbind(0)]
+    assert not xs[0].is_contiguous() and A.attention_hopper.usable(*xs)
+    o, t_o = A.attention_hopper.attention_jvp(*xs)
+    ref_o, ref_t = reference_jvp(*xs)
+    float32_o, float32_t = float32_rounded_jvp(*xs)
+    assert rel_err(t_o, ref_t) <= ERROR_RATIO_MAX * rel_err(float32_t, ref_t)
+    assert rel_err(o, ref_o) <= ERROR_RATIO_MAX * rel_err(float32_o, ref_o)
+    calls = []
+    monkeypatch.setattr(A.attention_hopper, "attention_jvp", lambda *a, **k: calls.append(1) or (o, t_o))
+    A.attention_jvp_triton(*xs)
+    assert calls == [1]
+    assert not A.attention_hopper.usable(*random_qkv(1, 2, 128, 100, 64, torch.bfloat16, "cuda"))  # Lk % 64
+    assert not A.attention_hopper.usable(*random_qkv(1, 2, 128, 128, 72, torch.bfloat16, "cuda"))  # D
+    assert not A.attention_hopper.usable(*random_qkv(1, 2, 128, 128, 64, torch.float32, "cuda"))   # fp32
