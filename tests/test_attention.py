@@ -82,6 +82,15 @@ def rel_err(out, ref):
     return ((out.detach().cpu().double() - ref).norm() / ref.norm()).item()
 
 
+def assert_within_float32_math(o, t_o, xs, bound=ERROR_RATIO_MAX):
+    """o's and t_o's errors against float64 at most `bound` times those of a float32 computation
+    rounded once to the inputs' dtype (SDPA's math backend)."""
+    ref_o, ref_t = reference_jvp(*xs)
+    float32_o, float32_t = float32_rounded_jvp(*xs)
+    assert rel_err(o, ref_o) <= bound * rel_err(float32_o, ref_o)
+    assert rel_err(t_o, ref_t) <= bound * rel_err(float32_t, ref_t)
+
+
 def poisoned(B, H, L, D, dtype, device):
     return [torch.full((B, H, L, D), float("nan"), dtype=dtype, device=device) for _ in range(2)]
 
@@ -327,10 +336,7 @@ def test_kernel_interpreter_fp16_offsets_and_large_logits(case, tma, D, monkeypa
     monkeypatch.setattr(A, "INTERPRET_ON_CPU", True)
     xs = random_qkv(1, 2, 128, 128, D, torch.float16, **case)
     o, t_o = A.attention_jvp_triton(*xs, config=(64, 64, 4, 2), tma=tma)
-    ref_o, ref_t = reference_jvp(*xs)
-    float32_o, float32_t = float32_rounded_jvp(*xs)
-    assert rel_err(o, ref_o) <= error_ratio_max(case) * rel_err(float32_o, ref_o)
-    assert rel_err(t_o, ref_t) <= error_ratio_max(case) * rel_err(float32_t, ref_t)
+    assert_within_float32_math(o, t_o, xs, error_ratio_max(case))
 
 
 @needs_triton
@@ -499,10 +505,7 @@ def test_kernel_gpu_bf16_error_within_float32_math(D, case, kernel):
     xs = random_qkv(2, 4, 512, 512, D, torch.bfloat16, "cuda", **case)
     config = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0] if kernel == "triton" else None
     o, t_o = A.attention_jvp_triton(*xs, config=config)
-    ref_o, ref_t = reference_jvp(*xs)
-    float32_o, float32_t = float32_rounded_jvp(*xs)
-    assert rel_err(o, ref_o) <= error_ratio_max(case) * rel_err(float32_o, ref_o)
-    assert rel_err(t_o, ref_t) <= error_ratio_max(case) * rel_err(float32_t, ref_t)
+    assert_within_float32_math(o, t_o, xs, error_ratio_max(case))
 
 
 @needs_gpu
@@ -631,10 +634,7 @@ def test_hopper_kernel_within_float32_math(B, H, Lq, Lk, case, dtype):
     out = poisoned(B, H, Lq, 64, dtype, "cuda")
     o, t_o = A.attention_hopper.attention_jvp(*xs, out=out)
     assert o is out[0] and t_o is out[1]
-    ref_o, ref_t = reference_jvp(*xs)
-    float32_o, float32_t = float32_rounded_jvp(*xs)
-    assert rel_err(o, ref_o) <= error_ratio_max(case) * rel_err(float32_o, ref_o)
-    assert rel_err(t_o, ref_t) <= error_ratio_max(case) * rel_err(float32_t, ref_t)
+    assert_within_float32_math(o, t_o, xs, error_ratio_max(case))
 
 
 @needs_hopper
@@ -647,10 +647,7 @@ def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch):
     xs = [*qkv.permute(2, 0, 3, 1, 4).unbind(0), *t_qkv.permute(2, 0, 3, 1, 4).unbind(0)]
     assert not xs[0].is_contiguous() and A.attention_hopper.usable(*xs)
     o, t_o = A.attention_hopper.attention_jvp(*xs)
-    ref_o, ref_t = reference_jvp(*xs)
-    float32_o, float32_t = float32_rounded_jvp(*xs)
-    assert rel_err(t_o, ref_t) <= ERROR_RATIO_MAX * rel_err(float32_t, ref_t)
-    assert rel_err(o, ref_o) <= ERROR_RATIO_MAX * rel_err(float32_o, ref_o)
+    assert_within_float32_math(o, t_o, xs)
     calls = []
     monkeypatch.setattr(A.attention_hopper, "attention_jvp", lambda *a, **k: calls.append(1) or (o, t_o))
     A.attention_jvp_triton(*xs)
