@@ -75,6 +75,9 @@ if gluon is not None:
     def _producer(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem,
                   q_bar, k_full, k_empty, v_full, v_empty, b, h, m0, n_blocks, BLOCK_N: gl.constexpr,
                   NS: gl.constexpr):
+        # Each ring stage has a full barrier (TMA bytes landed) and an empty one (both consumers
+        # released it). The first pass over a stage waits on the parity of the phase before
+        # the first, which a fresh barrier counts as complete: hence `ph ^ 1`.
         mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
         for w in gl.static_range(2):
             tma.async_copy_global_to_shared(q_desc, [b, h, m0 + 64 * w, 0], q_bar, q_smem.index(w))
@@ -144,6 +147,8 @@ if gluon is not None:
         acc_lr = gl.zeros([64, 16], gl.float32, r_layout)
         acc_r = gl.zeros([64, 16], gl.float32, r_layout)
         mbarrier.wait(q_bar, 0)
+        # turn.index(W) completes when this warpgroup may issue its next products; it hands the
+        # turn to the other one as soon as they are issued (ping-pong). Warpgroup 0 starts.
 
         # block 0: scores, softmax (no value products yet)
         mbarrier.wait(k_full.index(0), 0)
