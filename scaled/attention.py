@@ -404,7 +404,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     `config` (a `Config` or its fields) overrides the device's table; `tma` forces TMA loads of
     k, t_k, v, t_v on or off (default: as the configuration says, where `tma_usable`).
     On Hopper at D = 64 the warp-specialized Gluon kernel of `scaled.attention_hopper` runs
-    instead, where it can (`attention_hopper.usable`), neither `config` nor `tma` is given, and
+    instead, where it can (`hopper_kernel_usable`), neither `config` nor `tma` is given, and
     torch.compile is not tracing (Dynamo cannot trace a Gluon launch; trying cost 2.4 ms a call).
     CPU tensors run in Triton's interpreter.
     """
@@ -417,7 +417,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     q, k, v, t_q, t_k, t_v = (x if x.stride(-1) == 1 else x.contiguous()
                               for x in (q, k, v, t_q, t_k, t_v))
     if (config is None and tma is None and not torch.compiler.is_compiling()
-            and (q.device, q.dtype) not in _FAILED_HOPPER and attention_hopper.usable(q, k, v, t_q, t_k, t_v, out)):
+            and (q.device, q.dtype) not in _FAILED_HOPPER and hopper_kernel_usable(q, k, v, t_q, t_k, t_v, out)):
         try:
             return attention_hopper.attention_jvp(q, k, v, t_q, t_k, t_v, out)
         except Exception as e:  # Gluon is experimental: a Triton whose Gluon differs takes the Triton kernel
@@ -449,11 +449,17 @@ def has_tma(device=None):
 
 
 def tma_usable(*xs):
-    """Whether the key-side tensors can be read by TMA (`has_tma`): descriptors need 16-byte
-    aligned bases and strides; a broadcast (stride 0) tensor takes pointer loads."""
+    """Whether these tensors can be read by TMA (`has_tma`): descriptors need 16-byte aligned
+    bases and strides and a unit last stride; a broadcast (stride 0) tensor takes pointer loads."""
     return (xs[0].is_cuda and has_tma(xs[0].device)
-            and all(x.data_ptr() % 16 == 0
+            and all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0
                     and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3]) for x in xs))
+
+
+def hopper_kernel_usable(q, k, v, t_q, t_k, t_v, out=None):
+    """Whether the Gluon kernel of `scaled.attention_hopper` can compute this call: a case it
+    supports, with all six tensors readable by TMA."""
+    return attention_hopper.supports(q, k, out) and tma_usable(q, k, v, t_q, t_k, t_v)
 
 
 def _launch(q, k, v, t_q, t_k, t_v, o, t_o, config, tma=None):

@@ -37,23 +37,21 @@ NUM_STAGES = 2
 CONSUMER_REGISTERS = 240
 
 
-def usable(q, k, v, t_q, t_k, t_v, out=None):
-    """Whether this kernel can compute the call: Gluon present, a Hopper GPU (wgmma is sm90's),
-    D = 64, 16-bit inputs, Lk a positive multiple of 64, TMA-compatible tensors (16-byte aligned
-    bases and strides, no broadcast) and contiguous outputs."""
+def supports(q, k, out=None):
+    """Whether this kernel computes the call, its tensors aside: Gluon present, a Hopper GPU
+    (wgmma is sm90's), D = 64, 16-bit inputs, Lk a positive multiple of 64 and contiguous
+    outputs. The tensors must also be readable by TMA (`scaled.attention.tma_usable`)."""
     if gluon is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     Lk = k.shape[2]
-    xs = (q, k, v, t_q, t_k, t_v)
     return (q.shape[-1] == HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16)
             and Lk >= BLOCK_N and Lk % BLOCK_N == 0
-            and all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-                    and all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:3]) for x in xs)
             and (out is None or all(o.is_contiguous() for o in out)))
 
 
 def attention_jvp(q, k, v, t_q, t_k, t_v, out=None):
-    """(o, t_o) for [B, H, L, 64] 16-bit CUDA tensors that pass `usable`."""
+    """(o, t_o) for [B, H, L, 64] 16-bit CUDA tensors that pass
+    `scaled.attention.hopper_kernel_usable`."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -110,6 +108,21 @@ if gluon is not None:
 
 
     @gluon.jit
+    def _issue_scores(q, tq, k, tk, zero_s):
+        """s = q k^T and t_s = t_q k^T + q t_k^T (unscaled) of one key block, issued, not waited for."""
+        kT = k.permute((1, 0))
+        s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
+        ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
+        ts = warpgroup_mma(q, tk.permute((1, 0)), ts, is_async=True)
+        return s, ts
+
+    @gluon.jit
+    def _as_operands(p_lo, pts_lo, p_ol: gl.constexpr, p_rl: gl.constexpr):
+        """The 16-bit weights as A operands of the value products and of the value sums."""
+        return (gl.convert_layout(p_lo, p_ol), gl.convert_layout(pts_lo, p_ol),
+                gl.convert_layout(p_lo, p_rl), gl.convert_layout(pts_lo, p_rl))
+
+    @gluon.jit
     def _issue_pv(p_o, pts_o, p_r, pts_r, v, tv, ones_smem, acc_o, acc_t, acc_lr, acc_r):
         acc_o = warpgroup_mma(p_o, v, acc_o, is_async=True)
         acc_t = warpgroup_mma(p_o, tv, acc_t, is_async=True)
@@ -153,18 +166,13 @@ if gluon is not None:
         # block 0: scores, softmax (no value products yet)
         mbarrier.wait(k_full.index(0), 0)
         mbarrier.wait(turn.index(W), 0)
-        kT = k_smem.index(0).reshape([BLOCK_N, D]).permute((1, 0))
-        s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
-        ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
-        ts = warpgroup_mma(q, tk_smem.index(0).reshape([BLOCK_N, D]).permute((1, 0)), ts, is_async=True)
+        s, ts = _issue_scores(q, tq, k_smem.index(0).reshape([BLOCK_N, D]), tk_smem.index(0).reshape([BLOCK_N, D]),
+                              zero_s)
         mbarrier.arrive(turn.index(1 - W), count=1)
         s, ts = warpgroup_mma_wait(0, deps=(s, ts))
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i, c_i, alpha, delta, p_lo, pts_lo = _softmax(s, ts, m_i, c_i, scale, qk_scale, dtype)
-        p_o = gl.convert_layout(p_lo, p_ol)
-        pts_o = gl.convert_layout(pts_lo, p_ol)
-        p_r = gl.convert_layout(p_lo, p_rl)
-        pts_r = gl.convert_layout(pts_lo, p_rl)
+        p_o, pts_o, p_r, pts_r = _as_operands(p_lo, pts_lo, p_ol, p_rl)
 
         for j in range(1, n_blocks):
             st = j % NS
@@ -174,10 +182,8 @@ if gluon is not None:
             mbarrier.wait(k_full.index(st), ph)
             mbarrier.wait(v_full.index(pst), pph)
             mbarrier.wait(turn.index(W), j & 1)
-            kT = k_smem.index(st).reshape([BLOCK_N, D]).permute((1, 0))
-            s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
-            ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
-            ts = warpgroup_mma(q, tk_smem.index(st).reshape([BLOCK_N, D]).permute((1, 0)), ts, is_async=True)
+            s, ts = _issue_scores(q, tq, k_smem.index(st).reshape([BLOCK_N, D]),
+                                  tk_smem.index(st).reshape([BLOCK_N, D]), zero_s)
             acc_o, acc_t, acc_lr, acc_r = _issue_pv(p_o, pts_o, p_r, pts_r, v_smem.index(pst).reshape([BLOCK_N, D]),
                                                     tv_smem.index(pst).reshape([BLOCK_N, D]), ones_smem,
                                                     acc_o, acc_t, acc_lr, acc_r)
@@ -196,10 +202,7 @@ if gluon is not None:
             delta_r = gl.convert_layout(delta, rows_r)
             acc_r = (acc_r - delta_r[:, None] * acc_lr) * alpha_r[:, None]
             acc_lr = acc_lr * alpha_r[:, None]
-            p_o = gl.convert_layout(p_lo, p_ol)
-            pts_o = gl.convert_layout(pts_lo, p_ol)
-            p_r = gl.convert_layout(p_lo, p_rl)
-            pts_r = gl.convert_layout(pts_lo, p_rl)
+            p_o, pts_o, p_r, pts_r = _as_operands(p_lo, pts_lo, p_ol, p_rl)
 
         # the last block's value products (the accumulators were rescaled for it above)
         pst = (n_blocks - 1) % NS

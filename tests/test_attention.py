@@ -350,7 +350,7 @@ def test_a_gluon_kernel_that_fails_falls_back_to_the_triton_kernel(monkeypatch):
     def fail(*args):
         calls.append(1)
         raise TypeError("an API this Triton does not have")
-    monkeypatch.setattr(A.attention_hopper, "usable", lambda *args: True)
+    monkeypatch.setattr(A, "hopper_kernel_usable", lambda *args: True)
     monkeypatch.setattr(A.attention_hopper, "attention_jvp", fail)
     xs = random_qkv(1, 2, 40, 64, 64)
     with pytest.warns(UserWarning, match="Gluon kernel failed"):
@@ -630,7 +630,7 @@ needs_hopper = pytest.mark.skipif(
 ])
 def test_hopper_kernel_within_float32_math(B, H, Lq, Lk, case, dtype):
     xs = random_qkv(B, H, Lq, Lk, 64, dtype, "cuda", **case)
-    assert A.attention_hopper.usable(*xs)
+    assert A.hopper_kernel_usable(*xs)
     out = poisoned(B, H, Lq, 64, dtype, "cuda")
     o, t_o = A.attention_hopper.attention_jvp(*xs, out=out)
     assert o is out[0] and t_o is out[1]
@@ -640,18 +640,18 @@ def test_hopper_kernel_within_float32_math(B, H, Lq, Lk, case, dtype):
 @needs_hopper
 def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch):
     # q, k, v as a network makes them (a qkv projection split into heads): 4-D TMA descriptors
-    # read them in place. The default path picks this kernel where `usable` allows.
+    # read them in place. The default path picks this kernel where `hopper_kernel_usable` allows.
     B, L, H, D = 2, 256, 4, 64
     g = torch.Generator(device="cuda").manual_seed(fresh_seed())
     qkv, t_qkv = (torch.randn(B, L, 3, H, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
     xs = [*qkv.permute(2, 0, 3, 1, 4).unbind(0), *t_qkv.permute(2, 0, 3, 1, 4).unbind(0)]
-    assert not xs[0].is_contiguous() and A.attention_hopper.usable(*xs)
+    assert not xs[0].is_contiguous() and A.hopper_kernel_usable(*xs)
     o, t_o = A.attention_hopper.attention_jvp(*xs)
     assert_within_float32_math(o, t_o, xs)
     calls = []
     monkeypatch.setattr(A.attention_hopper, "attention_jvp", lambda *a, **k: calls.append(1) or (o, t_o))
     A.attention_jvp_triton(*xs)
     assert calls == [1]
-    assert not A.attention_hopper.usable(*random_qkv(1, 2, 128, 100, 64, torch.bfloat16, "cuda"))  # Lk % 64
-    assert not A.attention_hopper.usable(*random_qkv(1, 2, 128, 128, 72, torch.bfloat16, "cuda"))  # D
-    assert not A.attention_hopper.usable(*random_qkv(1, 2, 128, 128, 64, torch.float32, "cuda"))   # fp32
+    assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 100, 64, torch.bfloat16, "cuda"))  # Lk % 64
+    assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, 72, torch.bfloat16, "cuda"))  # D
+    assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, 64, torch.float32, "cuda"))   # fp32
