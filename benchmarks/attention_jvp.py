@@ -15,7 +15,9 @@ Candidates of the timing rows, all under torch.no_grad, same inputs:
   ours          scaled.attention.attention on dual tensors (forward AD, the Triton kernel)
   ours_funcjvp  torch.func.jvp(scaled.attention.attention, ...), one transform per call
   ours_compiled torch.compile of that torch.func.jvp call
-  ours_raw      attention_jvp_triton(q, k, v, t_q, t_k, t_v), the kernel launch alone
+  ours_raw      attention_jvp_triton(q, k, v, t_q, t_k, t_v), the kernel launch alone (on Hopper
+                at D = 64 to 96: the Gluon kernel of scaled/attention_hopper.py)
+  triton_raw    the same with the Triton kernel (the table's first configuration)
   prev_raw      --previous FILE: another version's attention_jvp_triton (e.g. from git history)
   math          SDPA's math backend on dual tensors (materializes L x L)
 Dual tensors are made once inside an open forward-AD level, as in a whole network's JVP.
@@ -94,6 +96,7 @@ def candidates(xs, previous):
     """name -> (fn, dual). A dual candidate's fn takes dual tensors made once inside an open
     forward-AD level, as inside a network's JVP."""
     q, k, v = xs[:3]
+    triton_config = A.config_candidates(*A.device_arch(q.device), q.shape[-1], q.dtype)[0]
 
     def on_duals(op):
         return lambda duals: fwAD.unpack_dual(op(*duals))
@@ -105,6 +108,7 @@ def candidates(xs, previous):
         "ours_funcjvp": (lambda: func_jvp_of_attention(*xs), False),
         "ours_compiled": (lambda: COMPILED_JVP(*xs), False),
         "ours_raw": (lambda: A.attention_jvp_triton(*xs), False),
+        "triton_raw": (lambda: A.attention_jvp_triton(*xs, config=triton_config), False),
     }
     if previous is not None:
         fns["prev_raw"] = (lambda: previous.attention_jvp_triton(*xs), False)
@@ -212,7 +216,8 @@ def bench(args):
 
 
 def print_table(card, rows):
-    names = ["sdpa_cudnn", "sdpa_fa2", "ours", "ours_funcjvp", "ours_compiled", "ours_raw", "prev_raw", "math"]
+    names = ["sdpa_cudnn", "sdpa_fa2", "ours", "ours_funcjvp", "ours_compiled", "ours_raw", "triton_raw", "prev_raw",
+             "math"]
     print(f"\n{card}: ms (x sdpa_cudnn) | JVP TFLOP/s (ours*, prev, math) or fwd TFLOP/s (sdpa) "
           f"| extra MB | t_o rel err vs fp32")
     for r in rows:
@@ -253,8 +258,10 @@ def accuracy(args):
         for case, kw in ACCURACY_CASES.items():
             xs = make_inputs(B, H, L, D, torch.bfloat16, seed=D, **kw)
             ref_o, ref_t = A.attention_jvp_math(*(x.double() for x in xs))
+            triton_config = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0]
             ops = {
-                "ours": lambda: A.attention_jvp_triton(*xs),
+                "ours": lambda: A.attention_jvp_triton(*xs),  # on Hopper at D = 64 to 96 the Gluon kernel
+                "triton": lambda: A.attention_jvp_triton(*xs, config=triton_config),
                 "sdpa_math": lambda: torch.func.jvp(sdpa_with(SDPBackend.MATH), tuple(xs[:3]), tuple(xs[3:])),
                 "math_fallback": lambda: torch.func.jvp(A.attention_math, tuple(xs[:3]), tuple(xs[3:])),
             }

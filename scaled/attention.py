@@ -380,7 +380,7 @@ def config_candidates(arch, limit, D, dtype):
 
 
 _FAILED_CONFIGS = set()  # (case, config) that did not compile or launch here
-_FAILED_HOPPER = set()   # (device, dtype) where the Gluon kernel did not compile or launch
+_FAILED_HOPPER = set()   # (device, dtype, D) where the Gluon kernel did not compile or launch
 
 
 def first_that_launches(candidates, case, launch):
@@ -403,7 +403,7 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     a tangent may be None (zero). `out` optionally gives the (o, t_o) tensors to write;
     `config` (a `Config` or its fields) overrides the device's table; `tma` forces TMA loads of
     k, t_k, v, t_v on or off (default: as the configuration says, where `tma_usable`).
-    On Hopper at D = 64 the warp-specialized Gluon kernel of `scaled.attention_hopper` runs
+    On Hopper at D = 64 to 96 the warp-specialized Gluon kernel of `scaled.attention_hopper` runs
     instead, where it can (`hopper_kernel_usable`), neither `config` nor `tma` is given, and
     torch.compile is not tracing (Dynamo cannot trace a Gluon launch; trying cost 2.4 ms a call).
     CPU tensors run in Triton's interpreter.
@@ -417,11 +417,11 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     q, k, v, t_q, t_k, t_v = (x if x.stride(-1) == 1 else x.contiguous()
                               for x in (q, k, v, t_q, t_k, t_v))
     if (config is None and tma is None and not torch.compiler.is_compiling()
-            and (q.device, q.dtype) not in _FAILED_HOPPER and hopper_kernel_usable(q, k, v, t_q, t_k, t_v, out)):
+            and (q.device, q.dtype, D) not in _FAILED_HOPPER and hopper_kernel_usable(q, k, v, t_q, t_k, t_v, out)):
         try:
             return attention_hopper.attention_jvp(q, k, v, t_q, t_k, t_v, out)
         except Exception as e:  # Gluon is experimental: a Triton whose Gluon differs takes the Triton kernel
-            _FAILED_HOPPER.add((q.device, q.dtype))
+            _FAILED_HOPPER.add((q.device, q.dtype, D))
             warnings.warn(f"scaled.attention: the Gluon kernel failed ({type(e).__name__}: {e}); "
                           "using the Triton kernel")
     if out is None:

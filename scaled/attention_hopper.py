@@ -1,4 +1,4 @@
-"""The attention JVP kernel of `scaled.attention` for Hopper (sm90) at head dim 64, in Gluon.
+"""The attention JVP kernel of `scaled.attention` for Hopper (sm90) at head dims 64 to 96, in Gluon.
 
 FlashAttention-3's structure (Shah et al. 2024) on the same equations as the Triton kernel in
 scaled/attention.py (each key block centred on its own p-weighted mean, the value sums from
@@ -13,10 +13,13 @@ products with a tile of ones, t_o = (acc_t - r o) / lr):
 Everything a warpgroup issues in a block is waited for within the block: a loop-carried
 register of a product in flight makes ptxas serialize every product (C7514).
 
-At D = 64 it runs 4-11% faster than the Triton kernel on an H100 (benchmarks/attention_jvp_notes.md,
-v9). At D = 128 a consumer would need about 300 registers at BLOCK_N = 64, and at BLOCK_N = 32 it
-is slower than the Triton kernel, so other head dims take the Triton kernel. Gluon has no CPU
-interpreter: the GPU tests check this kernel against float64.
+A head dim D in (64, 96] is a 64-wide part and a tail of D1 = 16 or 32 columns with their own
+tiles and products; TMA fills the tail's columns past D with zeros, which add nothing to the
+scores and give output columns that are not stored (DiT-XL's D = 72 computes at 80, not 128).
+At D = 128 a consumer would need about 300 registers at BLOCK_N = 64, and at BLOCK_N = 32 it is
+slower than the Triton kernel, so other head dims take the Triton kernel
+(benchmarks/attention_jvp_notes.md, v9 and v10). Gluon has no CPU interpreter: the GPU tests
+check this kernel against float64.
 """
 import torch
 
@@ -30,68 +33,90 @@ try:
 except ImportError:  # no Triton, or a Triton without Gluon (before 3.5): the Triton kernel serves
     gluon = None
 
-HEAD_DIM = 64
+HEAD_DIM = 64       # the main part of every head dim; a tail of 16 or 32 columns adds up to 96
 BLOCK_M = 128       # two consumer warpgroups of 64 rows
 BLOCK_N = 64
 NUM_STAGES = 2
 CONSUMER_REGISTERS = 240
 
 
+def tail_width(D):
+    """Columns of the tail tile for head dim D (0: none), None if this kernel does not take D."""
+    if D == HEAD_DIM:
+        return 0
+    if HEAD_DIM < D <= HEAD_DIM + 32 and D % 8 == 0:  # TMA: rows of a multiple of 16 bytes
+        return 16 if D <= HEAD_DIM + 16 else 32
+    return None
+
+
 def supports(q, k, out=None):
     """Whether this kernel computes the call, its tensors aside: Gluon present, a Hopper GPU
-    (wgmma is sm90's), D = 64, 16-bit inputs, Lk a positive multiple of 64 and contiguous
-    outputs. The tensors must also be readable by TMA (`scaled.attention.tma_usable`)."""
+    (wgmma is sm90's), D = 64 or a multiple of 8 in (64, 96], 16-bit inputs, Lk a positive
+    multiple of 64 and contiguous outputs. The tensors must also be readable by TMA
+    (`scaled.attention.tma_usable`)."""
     if gluon is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     Lk = k.shape[2]
-    return (q.shape[-1] == HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16)
+    return (tail_width(q.shape[-1]) is not None and q.dtype in (torch.float16, torch.bfloat16)
             and Lk >= BLOCK_N and Lk % BLOCK_N == 0
             and (out is None or all(o.is_contiguous() for o in out)))
 
 
 def attention_jvp(q, k, v, t_q, t_k, t_v, out=None):
-    """(o, t_o) for [B, H, L, 64] 16-bit CUDA tensors that pass
+    """(o, t_o) for [B, H, L, D] 16-bit CUDA tensors that pass
     `scaled.attention.hopper_kernel_usable`."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    D1 = tail_width(D)
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, 64, D], dtype)
-    k_layout = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, D], dtype)
-    descriptors = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 64, D], q_layout) for x in (q, t_q)]
-    descriptors += [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, BLOCK_N, D], k_layout)
-                    for x in (k, t_k, v, t_v)]
+
+    def descriptors(width, xs, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, width], dtype)
+        return [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, width], layout) for x in xs]
+    main = descriptors(HEAD_DIM, (q, t_q), 64) + descriptors(HEAD_DIM, (k, t_k, v, t_v), BLOCK_N)
+    tail = descriptors(D1, (q, t_q), 64) + descriptors(D1, (k, t_k, v, t_v), BLOCK_N) if D1 else main
     if out is None:
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
     grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
-    _attention_jvp_kernel[grid](*descriptors, *out, H, Lq, Lk, D ** -0.5, D=D, BLOCK_N=BLOCK_N, NS=NUM_STAGES,
-                                CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    _attention_jvp_kernel[grid](*main, *tail, *out, H, Lq, Lk, D ** -0.5, D=D, D0=HEAD_DIM, D1=D1, BLOCK_N=BLOCK_N,
+                                NS=NUM_STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return tuple(out)
 
 
 if gluon is not None:
     @gluon.jit
-    def _producer(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem,
-                  q_bar, k_full, k_empty, v_full, v_empty, b, h, m0, n_blocks, BLOCK_N: gl.constexpr,
-                  NS: gl.constexpr):
-        # Each ring stage has a full barrier (TMA bytes landed) and an empty one (both consumers
-        # released it). The first pass over a stage waits on the parity of the phase before
-        # the first, which a fresh barrier counts as complete: hence `ph ^ 1`.
-        mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
+    def _load(x_desc, tx_desc, x1_desc, tx1_desc, b, h, row, bar, smem, smem1, i, D1: gl.constexpr):
+        """A tile of x and of its tangent (and their tails) into smem.index(i), .index(i + 1) (and
+        smem1's), completing bar."""
+        tma.async_copy_global_to_shared(x_desc, [b, h, row, 0], bar, smem.index(i))
+        tma.async_copy_global_to_shared(tx_desc, [b, h, row, 0], bar, smem.index(i + 1))
+        if D1 > 0:
+            tma.async_copy_global_to_shared(x1_desc, [b, h, row, x_desc.block_type.shape[3]], bar, smem1.index(i))
+            tma.async_copy_global_to_shared(tx1_desc, [b, h, row, x_desc.block_type.shape[3]], bar,
+                                            smem1.index(i + 1))
+
+    @gluon.jit
+    def _producer(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q1_desc, tq1_desc, k1_desc, tk1_desc, v1_desc,
+                  tv1_desc, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                  b, h, m0, n_blocks, D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr):
+        # Each ring stage holds a tensor's tile and its tangent's (indices 2 st, 2 st + 1) and has a
+        # full barrier (TMA bytes landed) and an empty one (both consumers released it). The first
+        # pass over a stage waits on the parity of the phase before the first, which a fresh
+        # barrier counts as complete: hence `ph ^ 1`.
+        q_bytes: gl.constexpr = q_desc.block_type.nbytes + (q1_desc.block_type.nbytes if D1 > 0 else 0)
+        k_bytes: gl.constexpr = k_desc.block_type.nbytes + (k1_desc.block_type.nbytes if D1 > 0 else 0)
+        mbarrier.expect(q_bar, 4 * q_bytes)
         for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + 64 * w, 0], q_bar, q_smem.index(w))
-            tma.async_copy_global_to_shared(tq_desc, [b, h, m0 + 64 * w, 0], q_bar, tq_smem.index(w))
+            _load(q_desc, tq_desc, q1_desc, tq1_desc, b, h, m0 + 64 * w, q_bar, q_smem, q1_smem, 2 * w, D1)
         for j in range(n_blocks):
             st = j % NS
             ph = (j // NS) & 1
-            n0 = j * BLOCK_N
             mbarrier.wait(k_empty.index(st), ph ^ 1)
-            mbarrier.expect(k_full.index(st), 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, h, n0, 0], k_full.index(st), k_smem.index(st))
-            tma.async_copy_global_to_shared(tk_desc, [b, h, n0, 0], k_full.index(st), tk_smem.index(st))
+            mbarrier.expect(k_full.index(st), 2 * k_bytes)
+            _load(k_desc, tk_desc, k1_desc, tk1_desc, b, h, j * BLOCK_N, k_full.index(st), k_smem, k1_smem, 2 * st, D1)
             mbarrier.wait(v_empty.index(st), ph ^ 1)
-            mbarrier.expect(v_full.index(st), 2 * v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, h, n0, 0], v_full.index(st), v_smem.index(st))
-            tma.async_copy_global_to_shared(tv_desc, [b, h, n0, 0], v_full.index(st), tv_smem.index(st))
+            mbarrier.expect(v_full.index(st), 2 * k_bytes)
+            _load(v_desc, tv_desc, v1_desc, tv1_desc, b, h, j * BLOCK_N, v_full.index(st), v_smem, v1_smem, 2 * st, D1)
 
 
     @gluon.jit
@@ -108,55 +133,114 @@ if gluon is not None:
 
 
     @gluon.jit
-    def _issue_scores(q, tq, k, tk, zero_s):
-        """s = q k^T and t_s = t_q k^T + q t_k^T (unscaled) of one key block, issued, not waited for."""
-        kT = k.permute((1, 0))
+    def _tile(smem, i):
+        """Tile i of a ring or of the q buffer as a matrix."""
+        shape: gl.constexpr = smem.shape
+        return smem.index(i).reshape([shape[3], shape[4]])
+
+    @gluon.jit
+    def _issue_scores(q_smem, q1_smem, qi, k_smem, k1_smem, ki, zero_s, D1: gl.constexpr):
+        """s = q k^T and t_s = t_q k^T + q t_k^T (unscaled) of one key block, tails included,
+        issued, not waited for."""
+        q = _tile(q_smem, qi)
+        kT = _tile(k_smem, ki).permute((1, 0))
         s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
-        ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
-        ts = warpgroup_mma(q, tk.permute((1, 0)), ts, is_async=True)
+        ts = warpgroup_mma(_tile(q_smem, qi + 1), kT, zero_s, use_acc=False, is_async=True)
+        ts = warpgroup_mma(q, _tile(k_smem, ki + 1).permute((1, 0)), ts, is_async=True)
+        if D1 > 0:
+            q1 = _tile(q1_smem, qi)
+            k1T = _tile(k1_smem, ki).permute((1, 0))
+            s = warpgroup_mma(q1, k1T, s, is_async=True)
+            ts = warpgroup_mma(_tile(q1_smem, qi + 1), k1T, ts, is_async=True)
+            ts = warpgroup_mma(q1, _tile(k1_smem, ki + 1).permute((1, 0)), ts, is_async=True)
         return s, ts
 
     @gluon.jit
-    def _as_operands(p_lo, pts_lo, p_ol: gl.constexpr, p_rl: gl.constexpr):
-        """The 16-bit weights as A operands of the value products and of the value sums."""
+    def _as_operands(p_lo, pts_lo, p_ol: gl.constexpr, p_1l: gl.constexpr, p_rl: gl.constexpr):
+        """The 16-bit weights as A operands of the value products, the tail's and the value sums
+        (one register layout: wgmma's A fragment does not depend on N, so these are no-ops)."""
         return (gl.convert_layout(p_lo, p_ol), gl.convert_layout(pts_lo, p_ol),
+                gl.convert_layout(p_lo, p_1l), gl.convert_layout(pts_lo, p_1l),
                 gl.convert_layout(p_lo, p_rl), gl.convert_layout(pts_lo, p_rl))
 
     @gluon.jit
-    def _issue_pv(p_o, pts_o, p_r, pts_r, v, tv, ones_smem, acc_o, acc_t, acc_lr, acc_r):
+    def _issue_pv(ps, v_smem, v1_smem, vi, ones_smem, acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, D1: gl.constexpr):
+        """The value products of one key block (ps: `_as_operands`), issued, not waited for."""
+        p_o, pts_o, p_1, pts_1, p_r, pts_r = ps
+        v = _tile(v_smem, vi)
         acc_o = warpgroup_mma(p_o, v, acc_o, is_async=True)
-        acc_t = warpgroup_mma(p_o, tv, acc_t, is_async=True)
+        acc_t = warpgroup_mma(p_o, _tile(v_smem, vi + 1), acc_t, is_async=True)
         acc_t = warpgroup_mma(pts_o, v, acc_t, is_async=True)
+        if D1 > 0:
+            v1 = _tile(v1_smem, vi)
+            acc_o1 = warpgroup_mma(p_1, v1, acc_o1, is_async=True)
+            acc_t1 = warpgroup_mma(p_1, _tile(v1_smem, vi + 1), acc_t1, is_async=True)
+            acc_t1 = warpgroup_mma(pts_1, v1, acc_t1, is_async=True)
         acc_lr = warpgroup_mma(p_r, ones_smem, acc_lr, is_async=True)
         acc_r = warpgroup_mma(pts_r, ones_smem, acc_r, is_async=True)
-        return acc_o, acc_t, acc_lr, acc_r
+        return acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r
+
+    @gluon.jit
+    def _wait_pv(acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, ps):
+        """Waits for the value products; their operands stay live until then."""
+        p_o, pts_o, p_1, pts_1, p_r, pts_r = ps
+        acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, p_o, pts_o, p_1, pts_1, p_r, pts_r = warpgroup_mma_wait(
+            0, deps=(acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, p_o, pts_o, p_1, pts_1, p_r, pts_r))
+        return acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, (p_o, pts_o, p_1, pts_1, p_r, pts_r)
+
+    @gluon.jit
+    def _rescale(acc_o, acc_t, alpha, delta):
+        """The running sums after the centre moved by delta and the maximum by log2(alpha)."""
+        alpha = gl.convert_layout(alpha, gl.SliceLayout(1, acc_o.type.layout))[:, None]
+        delta = gl.convert_layout(delta, gl.SliceLayout(1, acc_o.type.layout))[:, None]
+        return acc_o * alpha, (acc_t - delta * acc_o) * alpha
+
+    @gluon.jit
+    def _store(O, TO, acc_o, acc_t, lr, r, o_row, offs_m, Lq, col0, D: gl.constexpr):
+        """o = acc_o / lr and t_o = (acc_t - r o) / lr into columns col0... (those < D) of rows
+        offs_m (those < Lq)."""
+        layout: gl.constexpr = acc_o.type.layout
+        rows: gl.constexpr = gl.SliceLayout(1, layout)
+        lr = gl.convert_layout(lr, rows)[:, None]
+        o = acc_o / lr
+        t_o = (acc_t - gl.convert_layout(r, rows)[:, None] * o) / lr
+        offs_m = gl.convert_layout(offs_m, rows)
+        offs_d = col0 + gl.arange(0, acc_o.shape[1], gl.SliceLayout(0, layout))
+        ptrs = (o_row + offs_m.to(gl.int64))[:, None] * D + offs_d[None, :]
+        mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+        gl.store(O + ptrs, o.to(O.dtype.element_ty), mask=mask)
+        gl.store(TO + ptrs, t_o.to(TO.dtype.element_ty), mask=mask)
 
 
     @gluon.jit
-    def _consumer(W: gl.constexpr, q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem, ones_smem, q_bar, k_full, k_empty,
-                  v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D: gl.constexpr, BLOCK_N: gl.constexpr,
-                  NS: gl.constexpr):
+    def _consumer(W: gl.constexpr, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, ones_smem, q_bar, k_full, k_empty,
+                  v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D: gl.constexpr, D0: gl.constexpr,
+                  D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
-        # wgmma accumulators of one warpgroup (64 rows): scores [64, BLOCK_N], values [64, D], value sums [64, 16]
+        # wgmma accumulators of one warpgroup (64 rows): scores [64, BLOCK_N], values [64, D0] and
+        # [64, D1] (the tail), value sums [64, 16]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, D, 16])
+                                                           instr_shape=[16, D0, 16])
+        o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, max(D1, 16), 16])
         r_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, 16, 16])
         p_ol: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        p_1l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
         p_rl: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=r_layout, k_width=2)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        rows_r: gl.constexpr = gl.SliceLayout(1, r_layout)
+        # wgmma groups issued after a block's score products: its predecessor's value products
+        N_PV: gl.constexpr = 8 if D1 > 0 else 5
         qk_scale = scale * 1.4426950408889634
-        q = q_smem.index(W).reshape([64, D])
-        tq = tq_smem.index(W).reshape([64, D])
         zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([64], float("-inf"), gl.float32, rows_s)
         c_i = gl.zeros([64], gl.float32, rows_s)
-        acc_o = gl.zeros([64, D], gl.float32, o_layout)
-        acc_t = gl.zeros([64, D], gl.float32, o_layout)
+        acc_o = gl.zeros([64, D0], gl.float32, o_layout)
+        acc_t = gl.zeros([64, D0], gl.float32, o_layout)
+        acc_o1 = gl.zeros([64, max(D1, 16)], gl.float32, o1_layout)  # unused if D1 = 0
+        acc_t1 = gl.zeros([64, max(D1, 16)], gl.float32, o1_layout)
         acc_lr = gl.zeros([64, 16], gl.float32, r_layout)
         acc_r = gl.zeros([64, 16], gl.float32, r_layout)
         mbarrier.wait(q_bar, 0)
@@ -166,13 +250,12 @@ if gluon is not None:
         # block 0: scores, softmax (no value products yet)
         mbarrier.wait(k_full.index(0), 0)
         mbarrier.wait(turn.index(W), 0)
-        s, ts = _issue_scores(q, tq, k_smem.index(0).reshape([BLOCK_N, D]), tk_smem.index(0).reshape([BLOCK_N, D]),
-                              zero_s)
+        s, ts = _issue_scores(q_smem, q1_smem, 2 * W, k_smem, k1_smem, 0, zero_s, D1)
         mbarrier.arrive(turn.index(1 - W), count=1)
         s, ts = warpgroup_mma_wait(0, deps=(s, ts))
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i, c_i, alpha, delta, p_lo, pts_lo = _softmax(s, ts, m_i, c_i, scale, qk_scale, dtype)
-        p_o, pts_o, p_r, pts_r = _as_operands(p_lo, pts_lo, p_ol, p_rl)
+        ps = _as_operands(p_lo, pts_lo, p_ol, p_1l, p_rl)
 
         for j in range(1, n_blocks):
             st = j % NS
@@ -182,53 +265,41 @@ if gluon is not None:
             mbarrier.wait(k_full.index(st), ph)
             mbarrier.wait(v_full.index(pst), pph)
             mbarrier.wait(turn.index(W), j & 1)
-            s, ts = _issue_scores(q, tq, k_smem.index(st).reshape([BLOCK_N, D]),
-                                  tk_smem.index(st).reshape([BLOCK_N, D]), zero_s)
-            acc_o, acc_t, acc_lr, acc_r = _issue_pv(p_o, pts_o, p_r, pts_r, v_smem.index(pst).reshape([BLOCK_N, D]),
-                                                    tv_smem.index(pst).reshape([BLOCK_N, D]), ones_smem,
-                                                    acc_o, acc_t, acc_lr, acc_r)
+            s, ts = _issue_scores(q_smem, q1_smem, 2 * W, k_smem, k1_smem, 2 * st, zero_s, D1)
+            acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r = _issue_pv(ps, v_smem, v1_smem, 2 * pst, ones_smem, acc_o,
+                                                                    acc_t, acc_o1, acc_t1, acc_lr, acc_r, D1)
             mbarrier.arrive(turn.index(1 - W), count=1)
-            s, ts = warpgroup_mma_wait(5, deps=(s, ts))
+            s, ts = warpgroup_mma_wait(N_PV, deps=(s, ts))
             mbarrier.arrive(k_empty.index(st), count=1)
             m_i, c_i, alpha, delta, p_lo, pts_lo = _softmax(s, ts, m_i, c_i, scale, qk_scale, dtype)
-            acc_o, acc_t, acc_lr, acc_r, p_o, pts_o, p_r, pts_r = warpgroup_mma_wait(
-                0, deps=(acc_o, acc_t, acc_lr, acc_r, p_o, pts_o, p_r, pts_r))
+            acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, ps = _wait_pv(acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, ps)
             mbarrier.arrive(v_empty.index(pst), count=1)
-            alpha_o = gl.convert_layout(alpha, rows_o)
-            delta_o = gl.convert_layout(delta, rows_o)
-            acc_t = (acc_t - delta_o[:, None] * acc_o) * alpha_o[:, None]
-            acc_o = acc_o * alpha_o[:, None]
-            alpha_r = gl.convert_layout(alpha, rows_r)
-            delta_r = gl.convert_layout(delta, rows_r)
-            acc_r = (acc_r - delta_r[:, None] * acc_lr) * alpha_r[:, None]
-            acc_lr = acc_lr * alpha_r[:, None]
-            p_o, pts_o, p_r, pts_r = _as_operands(p_lo, pts_lo, p_ol, p_rl)
+            acc_o, acc_t = _rescale(acc_o, acc_t, alpha, delta)
+            if D1 > 0:
+                acc_o1, acc_t1 = _rescale(acc_o1, acc_t1, alpha, delta)
+            acc_lr, acc_r = _rescale(acc_lr, acc_r, alpha, delta)
+            ps = _as_operands(p_lo, pts_lo, p_ol, p_1l, p_rl)
 
         # the last block's value products (the accumulators were rescaled for it above)
         pst = (n_blocks - 1) % NS
         mbarrier.wait(v_full.index(pst), ((n_blocks - 1) // NS) & 1)
-        acc_o, acc_t, acc_lr, acc_r = _issue_pv(p_o, pts_o, p_r, pts_r, v_smem.index(pst).reshape([BLOCK_N, D]),
-                                                tv_smem.index(pst).reshape([BLOCK_N, D]), ones_smem,
-                                                acc_o, acc_t, acc_lr, acc_r)
-        acc_o, acc_t, acc_lr, acc_r, p_o, pts_o, p_r, pts_r = warpgroup_mma_wait(
-            0, deps=(acc_o, acc_t, acc_lr, acc_r, p_o, pts_o, p_r, pts_r))
+        acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r = _issue_pv(ps, v_smem, v1_smem, 2 * pst, ones_smem, acc_o, acc_t,
+                                                                acc_o1, acc_t1, acc_lr, acc_r, D1)
+        acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, ps = _wait_pv(acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r, ps)
         mbarrier.arrive(v_empty.index(pst), count=1)
 
-        lr = gl.convert_layout(gl.max(acc_lr, 1), rows_o)
-        r = gl.convert_layout(gl.max(acc_r, 1), rows_o)
-        o = acc_o / lr[:, None]
-        t_o = (acc_t - r[:, None] * o) / lr[:, None]
-        offs_m = m0 + 64 * W + gl.arange(0, 64, rows_o)
-        offs_d = gl.arange(0, D, gl.SliceLayout(0, o_layout))
-        ptrs = (o_row + offs_m.to(gl.int64))[:, None] * D + offs_d[None, :]
-        mask = (offs_m < Lq)[:, None]
-        gl.store(O + ptrs, o.to(dtype), mask=mask)
-        gl.store(TO + ptrs, t_o.to(dtype), mask=mask)
+        lr = gl.max(acc_lr, 1)
+        r = gl.max(acc_r, 1)
+        offs_m = m0 + 64 * W + gl.arange(0, 64, gl.SliceLayout(1, r_layout))
+        _store(O, TO, acc_o, acc_t, lr, r, o_row, offs_m, Lq, 0, D)
+        if D1 > 0:
+            _store(O, TO, acc_o1, acc_t1, lr, r, o_row, offs_m, Lq, D0, D)
 
 
     @gluon.jit
-    def _attention_jvp_kernel(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, O, TO, H, Lq, Lk, scale,
-                          D: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    def _attention_jvp_kernel(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q1_desc, tq1_desc, k1_desc, tk1_desc,
+                              v1_desc, tv1_desc, O, TO, H, Lq, Lk, scale, D: gl.constexpr, D0: gl.constexpr,
+                              D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         num_m = gl.cdiv(Lq, 128)
         pid_m = gl.program_id(0) % num_m
@@ -238,12 +309,17 @@ if gluon is not None:
         m0 = pid_m * 128
         o_row = pid_bh.to(gl.int64) * Lq
         n_blocks = Lk // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, 64, D], q_desc.layout)
-        tq_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, 64, D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [NS, 1, 1, BLOCK_N, D], k_desc.layout)
-        tk_smem = gl.allocate_shared_memory(dtype, [NS, 1, 1, BLOCK_N, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NS, 1, 1, BLOCK_N, D], k_desc.layout)
-        tv_smem = gl.allocate_shared_memory(dtype, [NS, 1, 1, BLOCK_N, D], k_desc.layout)
+        # q and t_q of both consumers (q, t_q of warpgroup w at 2 w, 2 w + 1); rings of (k, t_k)
+        # and (v, t_v) tiles (stage st at 2 st, 2 st + 1); the same for the tails
+        q_smem = gl.allocate_shared_memory(dtype, [4, 1, 1, 64, D0], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2 * NS, 1, 1, BLOCK_N, D0], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2 * NS, 1, 1, BLOCK_N, D0], k_desc.layout)
+        if D1 > 0:
+            q1_smem = gl.allocate_shared_memory(dtype, [4, 1, 1, 64, D1], q1_desc.layout)
+            k1_smem = gl.allocate_shared_memory(dtype, [2 * NS, 1, 1, BLOCK_N, D1], k1_desc.layout)
+            v1_smem = gl.allocate_shared_memory(dtype, [2 * NS, 1, 1, BLOCK_N, D1], k1_desc.layout)
+        else:
+            q1_smem, k1_smem, v1_smem = q_smem, k_smem, v_smem  # unused
         ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], dtype)
         blocked: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
         ones_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, 16], ones_layout,
@@ -265,10 +341,11 @@ if gluon is not None:
         mbarrier.arrive(turn.index(0), count=1)  # warpgroup 0 goes first
         fence_async_shared()
         gl.warp_specialize([
-            (_producer, (q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q_smem, tq_smem, k_smem, tk_smem, v_smem,
-                         tv_smem, q_bar, k_full, k_empty, v_full, v_empty, b, h, m0, n_blocks, BLOCK_N, NS)),
-            (_consumer, (0, q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem, ones_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, BLOCK_N, NS)),
-            (_consumer, (1, q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem, ones_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, BLOCK_N, NS)),
+            (_producer, (q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q1_desc, tq1_desc, k1_desc, tk1_desc,
+                         v1_desc, tv1_desc, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, q_bar, k_full, k_empty,
+                         v_full, v_empty, b, h, m0, n_blocks, D1, BLOCK_N, NS)),
+            (_consumer, (0, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, ones_smem, q_bar, k_full, k_empty,
+                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, D0, D1, BLOCK_N, NS)),
+            (_consumer, (1, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, ones_smem, q_bar, k_full, k_empty,
+                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, D0, D1, BLOCK_N, NS)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])

@@ -611,7 +611,7 @@ def test_kernel_gpu_many_heads_beyond_one_grid_axis_limit():
 
 
 #----------------------------------------------------------------------------
-# The Gluon kernel for Hopper at D = 64 (scaled/attention_hopper.py; no CPU interpreter).
+# The Gluon kernel for Hopper at D = 64 to 96 (scaled/attention_hopper.py; no CPU interpreter).
 
 needs_hopper = pytest.mark.skipif(
     not (HAS_TRITON and HAS_CUDA and A.attention_hopper.gluon is not None
@@ -638,10 +638,31 @@ def test_hopper_kernel_within_float32_math(B, H, Lq, Lk, case, dtype):
 
 
 @needs_hopper
-def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch):
+@pytest.mark.parametrize("D", [72, 80, 96])
+@pytest.mark.parametrize("dtype, B, H, Lq, Lk, case", [
+    (torch.bfloat16, 2, 3, 256, 256, dict()),
+    (torch.float16, 1, 2, 200, 320, dict()),
+    (torch.bfloat16, 2, 2, 1000, 512, dict(key_offset=64.0)),
+    (torch.bfloat16, 1, 2, 384, 448, dict(q_k_scale=7.5)),
+    (torch.bfloat16, 1, 2, 256, 256, dict(value_offset=64.0)),
+])
+def test_hopper_kernel_head_dims_with_a_tail(D, dtype, B, H, Lq, Lk, case):
+    # D = 64 + a tail tile of 16 or 32 columns; TMA fills the columns past D with zeros.
+    xs = random_qkv(B, H, Lq, Lk, D, dtype, "cuda", **case)
+    assert A.hopper_kernel_usable(*xs)
+    out = poisoned(B, H, Lq, D, dtype, "cuda")
+    o, t_o = A.attention_hopper.attention_jvp(*xs, out=out)
+    assert_within_float32_math(o, t_o, xs, error_ratio_max(case))
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 72])
+def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch, D):
     # q, k, v as a network makes them (a qkv projection split into heads): 4-D TMA descriptors
-    # read them in place. The default path picks this kernel where `hopper_kernel_usable` allows.
-    B, L, H, D = 2, 256, 4, 64
+    # read them in place; at D = 72 the tail's columns past D are the next head's in memory
+    # and must read as zeros. The default path picks this kernel where `hopper_kernel_usable`
+    # allows.
+    B, L, H = 2, 256, 4
     g = torch.Generator(device="cuda").manual_seed(fresh_seed())
     qkv, t_qkv = (torch.randn(B, L, 3, H, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
     xs = [*qkv.permute(2, 0, 3, 1, 4).unbind(0), *t_qkv.permute(2, 0, 3, 1, 4).unbind(0)]
@@ -653,5 +674,6 @@ def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch):
     A.attention_jvp_triton(*xs)
     assert calls == [1]
     assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 100, 64, torch.bfloat16, "cuda"))  # Lk % 64
-    assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, 72, torch.bfloat16, "cuda"))  # D
+    for other_D in (48, 100, 104, 128):  # not 64 or a multiple of 8 in (64, 96]
+        assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, other_D, torch.bfloat16, "cuda"))
     assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, 64, torch.float32, "cuda"))   # fp32
