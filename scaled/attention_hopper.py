@@ -9,7 +9,9 @@ products with a tile of ones, t_o = (acc_t - r o) / lr):
   issuing their products (ping-pong, through two mbarriers), so that one's softmax runs while
   the other's products occupy the tensor cores;
 - within a warpgroup, block j's score products and block j-1's value products are issued
-  together, and the value products run during block j's softmax.
+  together, and the value products run during block j's softmax;
+- at D = 64, q and t_q stay in registers, so the score products read only k and t_k from shared
+  memory (with a tail they would spill).
 Everything a warpgroup issues in a block is waited for within the block: a loop-carried
 register of a product in flight makes ptxas serialize every product (C7514).
 
@@ -139,19 +141,17 @@ if gluon is not None:
         return smem.index(i).reshape([shape[3], shape[4]])
 
     @gluon.jit
-    def _issue_scores(q_smem, q1_smem, qi, k_smem, k1_smem, ki, zero_s, D1: gl.constexpr):
+    def _issue_scores(q, tq, q1, tq1, k_smem, k1_smem, ki, zero_s, D1: gl.constexpr):
         """s = q k^T and t_s = t_q k^T + q t_k^T (unscaled) of one key block, tails included,
-        issued, not waited for."""
-        q = _tile(q_smem, qi)
+        issued, not waited for (q, t_q: shared-memory tiles or A-operand registers)."""
         kT = _tile(k_smem, ki).permute((1, 0))
         s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
-        ts = warpgroup_mma(_tile(q_smem, qi + 1), kT, zero_s, use_acc=False, is_async=True)
+        ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
         ts = warpgroup_mma(q, _tile(k_smem, ki + 1).permute((1, 0)), ts, is_async=True)
         if D1 > 0:
-            q1 = _tile(q1_smem, qi)
             k1T = _tile(k1_smem, ki).permute((1, 0))
             s = warpgroup_mma(q1, k1T, s, is_async=True)
-            ts = warpgroup_mma(_tile(q1_smem, qi + 1), k1T, ts, is_async=True)
+            ts = warpgroup_mma(tq1, k1T, ts, is_async=True)
             ts = warpgroup_mma(q1, _tile(k1_smem, ki + 1).permute((1, 0)), ts, is_async=True)
         return s, ts
 
@@ -244,13 +244,21 @@ if gluon is not None:
         acc_lr = gl.zeros([64, 16], gl.float32, r_layout)
         acc_r = gl.zeros([64, 16], gl.float32, r_layout)
         mbarrier.wait(q_bar, 0)
+        q = _tile(q_smem, 2 * W)
+        tq = _tile(q_smem, 2 * W + 1)
+        q1 = _tile(q1_smem, 2 * W)
+        tq1 = _tile(q1_smem, 2 * W + 1)
+        if D1 == 0:  # q, t_q in registers (module docstring)
+            q_rl: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+            q = q.load(q_rl)
+            tq = tq.load(q_rl)
         # turn.index(W) completes when this warpgroup may issue its next products; it hands the
         # turn to the other one as soon as they are issued (ping-pong). Warpgroup 0 starts.
 
         # block 0: scores, softmax (no value products yet)
         mbarrier.wait(k_full.index(0), 0)
         mbarrier.wait(turn.index(W), 0)
-        s, ts = _issue_scores(q_smem, q1_smem, 2 * W, k_smem, k1_smem, 0, zero_s, D1)
+        s, ts = _issue_scores(q, tq, q1, tq1, k_smem, k1_smem, 0, zero_s, D1)
         mbarrier.arrive(turn.index(1 - W), count=1)
         s, ts = warpgroup_mma_wait(0, deps=(s, ts))
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -265,7 +273,7 @@ if gluon is not None:
             mbarrier.wait(k_full.index(st), ph)
             mbarrier.wait(v_full.index(pst), pph)
             mbarrier.wait(turn.index(W), j & 1)
-            s, ts = _issue_scores(q_smem, q1_smem, 2 * W, k_smem, k1_smem, 2 * st, zero_s, D1)
+            s, ts = _issue_scores(q, tq, q1, tq1, k_smem, k1_smem, 2 * st, zero_s, D1)
             acc_o, acc_t, acc_o1, acc_t1, acc_lr, acc_r = _issue_pv(ps, v_smem, v1_smem, 2 * pst, ones_smem, acc_o,
                                                                     acc_t, acc_o1, acc_t1, acc_lr, acc_r, D1)
             mbarrier.arrive(turn.index(1 - W), count=1)
