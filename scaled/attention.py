@@ -30,7 +30,7 @@ the error of SDPA's math path), the sum of the rounded ones removes it exactly.
 """
 import os
 import warnings
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -404,9 +404,10 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
     `config` (a `Config` or its fields) overrides the device's table; `tma` forces TMA loads of
     k, t_k, v, t_v on or off (default: as the configuration says, where `tma_usable`).
     On Hopper at D = 64 to 96 the warp-specialized Gluon kernel of `scaled.attention_hopper` runs
-    instead, where it can (`hopper_kernel_usable`), neither `config` nor `tma` is given, and
-    torch.compile is not tracing (Dynamo cannot trace a Gluon launch; trying cost 2.4 ms a call).
-    CPU tensors run in Triton's interpreter.
+    instead, where it can (`hopper_kernel_usable`) and neither `config` nor `tma` is given.
+    Under torch.compile the call is one custom operator (`torch.ops.scaled.attention_jvp`) that
+    runs this function eagerly: Dynamo can trace neither the Gluon launch nor the TMA checks'
+    data_ptr. CPU tensors run in Triton's interpreter.
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -416,7 +417,15 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
                      for x, t in ((q, t_q), (k, t_k), (v, t_v)))
     q, k, v, t_q, t_k, t_v = (x if x.stride(-1) == 1 else x.contiguous()
                               for x in (q, k, v, t_q, t_k, t_v))
-    if (config is None and tma is None and not torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        config = None if config is None else [int(x) for x in Config(*config)]
+        o, t_o = torch.ops.scaled.attention_jvp(q, k, v, t_q, t_k, t_v, config, tma)
+        if out is None:
+            return o, t_o
+        out[0].copy_(o)
+        out[1].copy_(t_o)
+        return tuple(out)
+    if (config is None and tma is None
             and (q.device, q.dtype, D) not in _FAILED_HOPPER and hopper_kernel_usable(q, k, v, t_q, t_k, t_v, out)):
         try:
             return attention_hopper.attention_jvp(q, k, v, t_q, t_k, t_v, out)
@@ -431,16 +440,23 @@ def attention_jvp_triton(q, k, v, t_q, t_k, t_v, out=None, config=None, tma=None
         launch(config)
     elif not q.is_cuda:  # the interpreter runs any configuration
         launch(Config(32, 32, 4, 1))
-    elif torch.compiler.is_compiling():  # Inductor compiles the kernel later; the estimate fits
-        launch(_first_candidate(q.device.index or 0, q.dtype, D))
     else:
         first_that_launches(config_candidates(*device_arch(q.device), D, q.dtype), (q.device, q.dtype, D), launch)
     return tuple(out)
 
 
-@torch.compiler.assume_constant_result  # evaluated while torch.compile traces, a constant after
-def _first_candidate(index, dtype, D):
-    return tuple(config_candidates(*_device_arch(index), D, dtype)[0])  # (torch 2.11 traces no NamedTuple here)
+@torch.library.custom_op("scaled::attention_jvp", mutates_args=())
+def _attention_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor,
+                      t_v: torch.Tensor, config: Optional[List[int]], tma: Optional[bool]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if config is not None:
+        config = Config(*config[:4], bool(config[4]))
+    return attention_jvp_triton(q, k, v, t_q, t_k, t_v, config=config, tma=tma)
+
+
+@_attention_jvp_op.register_fake
+def _(q, k, v, t_q, t_k, t_v, config, tma):
+    return q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def has_tma(device=None):

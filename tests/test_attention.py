@@ -227,17 +227,29 @@ def test_every_table_entry_fits_its_architecture(arch, elem_bytes):
         assert estimates[-1] == min(estimates) <= 99 * 1024  # the last fallback fits sm86/sm89
 
 
-def test_config_choice_under_torch_compile_is_the_tables_first(monkeypatch):
-    # Under torch.compile the configuration is traced as a constant: the table's first entry, as
-    # in eager mode. (torch 2.11's Dynamo failed on a NamedTuple here, which this test does not
-    # catch on a newer torch; the GPU compile test does.)
-    props = types.SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    monkeypatch.delenv("SCALED_ATTENTION_ARCH", raising=False)
+@needs_triton
+def test_under_torch_compile_the_kernel_is_one_custom_operator(monkeypatch):
+    # Dynamo can trace neither the Gluon launch nor the TMA checks' data_ptr: a compiled graph
+    # holds the custom operator scaled::attention_jvp, which runs the eager dispatch (the same
+    # kernel as eager, the same bits).
+    monkeypatch.setattr(A, "INTERPRET_ON_CPU", True)
+    xs = random_qkv(1, 2, 40, 64, 32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
     torch._dynamo.reset()
-    traced = torch.compile(lambda x: x + A.Config(*A._first_candidate(0, torch.bfloat16, 64)).block_n,
-                           fullgraph=True, backend="eager")
-    assert traced(torch.zeros(1)).item() == A.CONFIGS["sm90", 2][64][0].block_n
+    with torch.no_grad():
+        o, t_o = torch.func.jvp(A.attention, tuple(xs[:3]), tuple(xs[3:]))
+        o_c, t_o_c = torch.compile(lambda *x: torch.func.jvp(A.attention, x[:3], x[3:]), backend=backend)(*xs)
+    assert torch.equal(o_c, o) and torch.equal(t_o_c, t_o)
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
+    assert any("scaled.attention_jvp" in t for t in targets), targets
+    config = A.Config(16, 16, 4, 1)  # an explicit configuration passes through the operator
+    expected = A.attention_jvp_triton(*xs, config=config)
+    got = torch.compile(lambda *x: A.attention_jvp_triton(*x, config=config), backend=backend)(*xs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("major, minor, optin, arch", [
@@ -542,19 +554,15 @@ def test_kernel_gpu_torch_compile_matches_eager(where, monkeypatch):
 
 
 @needs_gpu
-def test_kernel_gpu_torch_compile_with_tma_equals_eager(monkeypatch):
-    # A TMA configuration (bf16, D = 64 on Hopper) under torch.compile: the table's first
-    # configuration, as eager with that configuration, so the same bits. (Dynamo breaks the graph
-    # at tma_usable's data_ptr, and the launch runs outside the compiled graph. Under
-    # torch.compile the Triton kernel runs where eager would take the Gluon one.)
-    config = A.config_candidates(*A.device_arch("cuda"), 64, torch.bfloat16)[0]
-    if not config.tma:
-        pytest.skip("this GPU's table has no TMA configuration")
+@pytest.mark.parametrize("D", [64, 72])
+def test_kernel_gpu_torch_compile_runs_the_eager_kernel(D, monkeypatch):
+    # bf16 (on Hopper: the Gluon kernel, TMA loads) under torch.compile: the custom operator
+    # runs the eager dispatch, so the same kernel and the same bits as eager.
     torch._dynamo.reset()
-    xs = random_qkv(2, 4, 512, 512, 64, torch.bfloat16, "cuda")
+    xs = random_qkv(2, 4, 512, 512, D, torch.bfloat16, "cuda")
     forbid_math_path(monkeypatch)
     with torch.no_grad():
-        o, t_o = A.attention_jvp_triton(*xs, config=config)
+        o, t_o = A.attention_jvp_triton(*xs)
         o_c, t_o_c = torch.compile(lambda *x: torch.func.jvp(A.attention, x[:3], x[3:]))(*xs)
     assert torch.equal(o_c, o) and torch.equal(t_o_c, t_o)
 
