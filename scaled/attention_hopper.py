@@ -10,8 +10,9 @@ products with a tile of ones, t_o = (acc_t - r o) / lr):
   the other's products occupy the tensor cores;
 - within a warpgroup, block j's score products and block j-1's value products are issued
   together, and the value products run during block j's softmax;
-- at D = 64, q and t_q stay in registers, so the score products read only k and t_k from shared
-  memory (with a tail they would spill).
+- q stays in registers where registers allow (at D = 64 with t_q, at D <= 80 with its tail,
+  not with a 32-column tail: they would spill), so the score products read less shared memory
+  (about 2% faster each).
 Everything a warpgroup issues in a block is waited for within the block: a loop-carried
 register of a product in flight makes ptxas serialize every product (C7514).
 
@@ -248,10 +249,14 @@ if gluon is not None:
         tq = _tile(q_smem, 2 * W + 1)
         q1 = _tile(q1_smem, 2 * W)
         tq1 = _tile(q1_smem, 2 * W + 1)
-        if D1 == 0:  # q, t_q in registers (module docstring)
-            q_rl: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        # register operands where they fit (module docstring)
+        q_rl: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        if D1 <= 16:
             q = q.load(q_rl)
+        if D1 == 0:
             tq = tq.load(q_rl)
+        if D1 == 16:
+            q1 = q1.load(q_rl)
         # turn.index(W) completes when this warpgroup may issue its next products; it hands the
         # turn to the other one as soon as they are issued (ping-pong). Warpgroup 0 starts.
 
