@@ -685,3 +685,35 @@ def test_hopper_kernel_takes_strided_views_and_is_the_default(monkeypatch, D):
     for other_D in (48, 100, 104, 128):  # not 64 or a multiple of 8 in (64, 96]
         assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, other_D, torch.bfloat16, "cuda"))
     assert not A.hopper_kernel_usable(*random_qkv(1, 2, 128, 128, 64, torch.float32, "cuda"))   # fp32
+
+
+#----------------------------------------------------------------------------
+# benchmarks/attention_trained_block.py on tiny data (the real run needs CIFAR-10 and a GPU).
+
+def test_trained_block_benchmark_runs_end_to_end_on_tiny_data(tmp_path):
+    import io
+    import json
+    import zipfile
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        for i in range(16):
+            buffer = io.BytesIO()
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            archive.writestr(f"train/c{i % 2}/{i:04d}.png", buffer.getvalue())
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "attention_trained_block.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = lambda *args: subprocess.run([sys.executable, script, *args, "--dir", str(tmp_path / "net"), "--threads", "1"],
+                                       capture_output=True, text=True, env=env, timeout=300)
+    missing = run("accuracy", "--allow-cpu")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "capture" in missing.stderr
+    data = ["--data", str(tmp_path / "images.zip")]
+    for args in (["train", *data, "--steps", "2", "--batch-size", "4", "--depth", "1", "--heads", "1"],
+                 ["capture", *data, "--t", "0.5", "1.0"],
+                 ["accuracy", "--allow-cpu", "--out", str(tmp_path / "accuracy.json")]):
+        result = run(*args)
+        assert result.returncode == 0, (args[0], result.stderr[-2000:])
+    rows = json.load(open(tmp_path / "accuracy.json"))["rows"]
+    assert len(rows) == 1 and all(0 < rows[0][n]["t_o"] < 1e-2 for n in ("ours", "sdpa_math", "math_fallback"))
