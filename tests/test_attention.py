@@ -646,7 +646,7 @@ def test_hopper_kernel_within_float32_math(B, H, Lq, Lk, case, dtype):
 
 
 @needs_hopper
-@pytest.mark.parametrize("D", [72, 80, 96])
+@pytest.mark.parametrize("D", [72, 80, 88, 96])
 @pytest.mark.parametrize("dtype, B, H, Lq, Lk, case", [
     (torch.bfloat16, 2, 3, 256, 256, dict()),
     (torch.float16, 1, 2, 200, 320, dict()),
