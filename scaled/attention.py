@@ -4,7 +4,9 @@
 - Without tangents it is PyTorch's fused SDPA (forward and backward).
 - Under forward-mode AD (`torch.func.jvp`, `torch.autograd.forward_ad`) on CUDA it returns the
   primal o and its tangent t_o from one Triton kernel, flash-style (sCM v2, App. F), with
-  O(L) extra memory, for any head dim D <= 128.
+  O(L) extra memory, for any head dim D <= 128 (on Hopper at D = 64 to 96 the warp-specialized
+  Gluon kernel of `scaled.attention_hopper`, same equations; under torch.compile either runs
+  inside one custom operator).
 - Where the kernel cannot run (CPU, no Triton, D > 128) it falls back to the plain math path
   `attention_math`, whose JVP autograd derives (it materializes L x L).
 
