@@ -92,11 +92,17 @@ COMPILED_JVP = torch.compile(func_jvp_of_attention, dynamic=False)
 torch._dynamo.config.cache_size_limit = 64
 
 
+def triton_config(D, dtype=torch.bfloat16, device="cuda"):
+    """The Triton kernel's configuration for this case (its table's first): passing it forces
+    the Triton kernel where the Gluon one would run."""
+    return A.config_candidates(*A.device_arch(device), D, dtype)[0]
+
+
 def candidates(xs, previous):
     """name -> (fn, dual). A dual candidate's fn takes dual tensors made once inside an open
     forward-AD level, as inside a network's JVP."""
     q, k, v = xs[:3]
-    triton_config = A.config_candidates(*A.device_arch(q.device), q.shape[-1], q.dtype)[0]
+    config = triton_config(q.shape[-1], q.dtype, q.device)
 
     def on_duals(op):
         return lambda duals: fwAD.unpack_dual(op(*duals))
@@ -108,7 +114,7 @@ def candidates(xs, previous):
         "ours_funcjvp": (lambda: func_jvp_of_attention(*xs), False),
         "ours_compiled": (lambda: COMPILED_JVP(*xs), False),
         "ours_raw": (lambda: A.attention_jvp_triton(*xs), False),
-        "triton_raw": (lambda: A.attention_jvp_triton(*xs, config=triton_config), False),
+        "triton_raw": (lambda: A.attention_jvp_triton(*xs, config=config), False),
     }
     if previous is not None:
         fns["prev_raw"] = (lambda: previous.attention_jvp_triton(*xs), False)
@@ -258,10 +264,10 @@ def accuracy(args):
         for case, kw in ACCURACY_CASES.items():
             xs = make_inputs(B, H, L, D, torch.bfloat16, seed=D, **kw)
             ref_o, ref_t = A.attention_jvp_math(*(x.double() for x in xs))
-            triton_config = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0]
+            config = triton_config(D)
             ops = {
                 "ours": lambda: A.attention_jvp_triton(*xs),  # on Hopper at D = 64 to 96 the Gluon kernel
-                "triton": lambda: A.attention_jvp_triton(*xs, config=triton_config),
+                "triton": lambda: A.attention_jvp_triton(*xs, config=config),
                 "sdpa_math": lambda: torch.func.jvp(sdpa_with(SDPBackend.MATH), tuple(xs[:3]), tuple(xs[3:])),
                 "math_fallback": lambda: torch.func.jvp(A.attention_math, tuple(xs[:3]), tuple(xs[3:])),
             }
@@ -325,7 +331,7 @@ def sweep(args):
         base = triton.testing.do_bench(lambda: sdpa_with(SDPBackend.CUDNN_ATTENTION)(*xs[:3]),
                                        warmup=25, rep=100, return_mode="median")
         o_ref, t_o_ref = A.attention_jvp_triton(*xs)
-        default = A.config_candidates(*A.device_arch("cuda"), D, torch.bfloat16)[0]
+        default = triton_config(D)
         flops = 12 * B * H_BENCH * L * L * D
         Dp = sum(A.head_dim_split(D))
         for _, config in sweep_cases([D], args.dims):

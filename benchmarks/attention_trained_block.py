@@ -226,9 +226,9 @@ def accuracy(args):
                                                  time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     dtype, device = getattr(torch, args.dtype), "cuda" if cuda else "cpu"
     jvp = lambda fn, xs: torch.func.jvp(fn, tuple(xs[:3]), tuple(xs[3:]))
-    triton_config = lambda q: A.config_candidates(*A.device_arch(q.device), q.shape[-1], q.dtype)[0]
     ops = {"ours": lambda xs: jvp(A.attention, xs),   # whatever scaled.attention dispatches to (Gluon on Hopper)
-           "triton": lambda xs: A.attention_jvp_triton(*xs, config=triton_config(xs[0])),   # the Triton kernel
+           "triton": lambda xs: A.attention_jvp_triton(   # the Triton kernel
+               *xs, config=bench.triton_config(xs[0].shape[-1], xs[0].dtype, xs[0].device)),
            "sdpa_math": lambda xs: jvp(bench.sdpa_with(SDPBackend.MATH), xs),
            "math_fallback": lambda xs: jvp(A.attention_math, xs)}
     if not cuda:

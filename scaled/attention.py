@@ -362,11 +362,7 @@ def device_arch(device):
     own limit (99 KB on sm86/sm89). SCALED_ATTENTION_ARCH=sm80 forces the A100 table and limit
     (to check them on an H100).
     """
-    return _device_arch(torch.device(device).index or 0)
-
-
-def _device_arch(index):
-    props = torch.cuda.get_device_properties(index)
+    props = torch.cuda.get_device_properties(torch.device(device).index or 0)
     arch = os.environ.get("SCALED_ATTENTION_ARCH") or ("sm90" if props.major >= 9 else "sm80")
     if arch not in SHARED_MEMORY_LIMIT:
         raise ValueError(f"SCALED_ATTENTION_ARCH={arch!r}: expected one of {sorted(SHARED_MEMORY_LIMIT)}")

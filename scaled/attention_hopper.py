@@ -19,8 +19,8 @@ register of a product in flight makes ptxas serialize every product (C7514).
 A head dim D in (64, 96] is a 64-wide part and a tail of D1 = 16 or 32 columns with their own
 tiles and products; TMA fills the tail's columns past D with zeros, which add nothing to the
 scores and give output columns that are not stored (DiT-XL's D = 72 computes at 80, not 128).
-At D = 128 a consumer would need about 300 registers at BLOCK_N = 64, and at BLOCK_N = 32 it is
-slower than the Triton kernel, so other head dims take the Triton kernel
+At D = 128 a consumer would need more than its 240 registers at BLOCK_N = 64 (it spills), and at
+BLOCK_N = 32 it is slower than the Triton kernel, so other head dims take the Triton kernel
 (benchmarks/attention_jvp_notes.md, v9 and v10). Gluon has no CPU interpreter: the GPU tests
 check this kernel against float64.
 """
