@@ -41,6 +41,7 @@ BLOCK_M = 128       # two consumer warpgroups of 64 rows
 BLOCK_N = 64
 NUM_STAGES = 2
 CONSUMER_REGISTERS = 240
+ONES_N = 8          # columns of the tile of ones whose products give the value sums (wgmma's narrowest)
 
 
 def tail_width(D):
@@ -82,7 +83,7 @@ def attention_jvp(q, k, v, t_q, t_k, t_v, out=None):
         out = [torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device) for _ in range(2)]
     grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
     _attention_jvp_kernel[grid](*main, *tail, *out, H, Lq, Lk, D ** -0.5, D=D, D0=HEAD_DIM, D1=D1, BLOCK_N=BLOCK_N,
-                                NS=NUM_STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+                                NS=NUM_STAGES, ONES_N=ONES_N, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return tuple(out)
 
 
@@ -123,6 +124,18 @@ if gluon is not None:
 
 
     @gluon.jit
+    def _round_pairs(x, dtype: gl.constexpr):
+        """x rounded to the 16-bit dtype (to nearest even) by one cvt per pair of elements, the
+        pairs the products take; `.to(dtype)` rounds one element at a time, and ptxas then spends
+        a PRMT per pair putting the halves in order."""
+        if dtype == gl.bfloat16:
+            return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.bfloat16,
+                                             is_pure=True, pack=2)
+        else:
+            return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.float16,
+                                             is_pure=True, pack=2)
+
+    @gluon.jit
     def _softmax(s, ts, m_i, c_i, scale, qk_scale, dtype: gl.constexpr):
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
@@ -130,8 +143,8 @@ if gluon is not None:
         l_blk = gl.sum(p, 1)
         c_new = gl.where(l_blk > 0, gl.sum(p * ts, 1) * scale / l_blk, c_i)
         delta = c_new - c_i
-        p_lo = p.to(dtype)
-        pts_lo = (p * (ts * scale - c_new[:, None])).to(dtype)
+        p_lo = _round_pairs(p, dtype)
+        pts_lo = _round_pairs(p * (ts * scale - c_new[:, None]), dtype)
         return m_new, c_new, alpha, delta, p_lo, pts_lo
 
 
@@ -216,10 +229,10 @@ if gluon is not None:
     @gluon.jit
     def _consumer(W: gl.constexpr, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, ones_smem, q_bar, k_full, k_empty,
                   v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D: gl.constexpr, D0: gl.constexpr,
-                  D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr):
+                  D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, ONES_N: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         # wgmma accumulators of one warpgroup (64 rows): scores [64, BLOCK_N], values [64, D0] and
-        # [64, D1] (the tail), value sums [64, 16]
+        # [64, D1] (the tail), value sums [64, ONES_N]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -227,7 +240,7 @@ if gluon is not None:
         o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, max(D1, 16), 16])
         r_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, 16, 16])
+                                                           instr_shape=[16, ONES_N, 16])
         p_ol: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         p_1l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
         p_rl: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=r_layout, k_width=2)
@@ -242,8 +255,8 @@ if gluon is not None:
         acc_t = gl.zeros([64, D0], gl.float32, o_layout)
         acc_o1 = gl.zeros([64, max(D1, 16)], gl.float32, o1_layout)  # unused if D1 = 0
         acc_t1 = gl.zeros([64, max(D1, 16)], gl.float32, o1_layout)
-        acc_lr = gl.zeros([64, 16], gl.float32, r_layout)
-        acc_r = gl.zeros([64, 16], gl.float32, r_layout)
+        acc_lr = gl.zeros([64, ONES_N], gl.float32, r_layout)
+        acc_r = gl.zeros([64, ONES_N], gl.float32, r_layout)
         mbarrier.wait(q_bar, 0)
         q = _tile(q_smem, 2 * W)
         tq = _tile(q_smem, 2 * W + 1)
@@ -312,7 +325,8 @@ if gluon is not None:
     @gluon.jit
     def _attention_jvp_kernel(q_desc, tq_desc, k_desc, tk_desc, v_desc, tv_desc, q1_desc, tq1_desc, k1_desc, tk1_desc,
                               v1_desc, tv1_desc, O, TO, H, Lq, Lk, scale, D: gl.constexpr, D0: gl.constexpr,
-                              D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                              D1: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, ONES_N: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         num_m = gl.cdiv(Lq, 128)
         pid_m = gl.program_id(0) % num_m
@@ -333,10 +347,10 @@ if gluon is not None:
             v1_smem = gl.allocate_shared_memory(dtype, [2 * NS, 1, 1, BLOCK_N, D1], k1_desc.layout)
         else:
             q1_smem, k1_smem, v1_smem = q_smem, k_smem, v_smem  # unused
-        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], dtype)
+        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ONES_N], dtype)
         blocked: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
-        ones_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, 16], ones_layout,
-                                              gl.full([BLOCK_N, 16], 1.0, dtype, blocked))
+        ones_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, ONES_N], ones_layout,
+                                              gl.full([BLOCK_N, ONES_N], 1.0, dtype, blocked))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_full = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
@@ -358,7 +372,9 @@ if gluon is not None:
                          v1_desc, tv1_desc, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, q_bar, k_full, k_empty,
                          v_full, v_empty, b, h, m0, n_blocks, D1, BLOCK_N, NS)),
             (_consumer, (0, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, ones_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, D0, D1, BLOCK_N, NS)),
+                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, D0, D1, BLOCK_N, NS,
+                         ONES_N)),
             (_consumer, (1, q_smem, k_smem, v_smem, q1_smem, k1_smem, v1_smem, ones_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, D0, D1, BLOCK_N, NS)),
+                         v_full, v_empty, turn, O, TO, o_row, Lq, m0, n_blocks, scale, D, D0, D1, BLOCK_N, NS,
+                         ONES_N)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
