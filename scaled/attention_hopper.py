@@ -21,7 +21,7 @@ tiles and products; TMA fills the tail's columns past D with zeros, which add no
 scores and give output columns that are not stored (DiT-XL's D = 72 computes at 80, not 128).
 At D = 128 a consumer would need more than its 240 registers at BLOCK_N = 64 (it spills), and at
 BLOCK_N = 32 it is slower than the Triton kernel, so other head dims take the Triton kernel
-(benchmarks/attention_jvp_notes.md, v9 and v10). Gluon has no CPU interpreter: the GPU tests
+(benchmarks/attention_jvp_notes.md, v9 to v11). Gluon has no CPU interpreter: the GPU tests
 check this kernel against float64.
 """
 import torch
